@@ -1,0 +1,353 @@
+"""The ``retina`` command line: sweep, choose and evaluate, and browse runs in MLflow.
+
+retina sweep sweeps/quick.yaml --data-dir PATH
+retina best --evaluate
+retina ui
+"""
+
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from retina.errors import RetinaError
+
+# MLflow's own download bars would interleave with retina's tables.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+app = typer.Typer(
+    help="Sweep U-Net training choices for retinal vessel segmentation; compare in MLflow.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+errors = Console(stderr=True)
+log = logging.getLogger("retina")
+
+DataDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help="Dataset folder (HRF, DRIVE or images/labels/masks). Default: RETINA_DATA_DIR, "
+        "else the folder recorded by the sweep, else HRF downloaded into the cache.",
+        show_default=False,
+    ),
+]
+TrackingOption = Annotated[
+    str | None,
+    typer.Option(
+        "--tracking-uri",
+        help="MLflow tracking URI. Default: MLFLOW_TRACKING_URI, else the SQLite store "
+        "under ./mlflow/.",
+        show_default=False,
+    ),
+]
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=errors, show_path=False, rich_tracebacks=False)],
+        force=True,
+    )
+    logging.getLogger("retina").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _fail(error: Exception) -> None:
+    errors.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+def _tracking_uri(option: str | None) -> str:
+    from retina.tracking import default_tracking_uri
+
+    return option or default_tracking_uri()
+
+
+def _load_dataset(data_dir: Path | None, resolution: int, recorded: str | None = None):
+    """Load the dataset at ``resolution``, showing progress when photos are decoded."""
+    from retina.data.dataset import load_dataset
+    from retina.data.download import fetch_hrf
+
+    folder = data_dir or os.environ.get("RETINA_DATA_DIR") or recorded
+    if folder is None:
+        log.info("no --data-dir or RETINA_DATA_DIR given: using the HRF download")
+        folder = fetch_hrf(show_progress=console.is_terminal)
+    columns = (TextColumn("preprocessing photos"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, TimeElapsedColumn(), console=errors, transient=True) as progress:
+        task = progress.add_task("preprocess", total=None)
+
+        def advance(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        return load_dataset(Path(folder), resolution, on_case_done=advance)
+
+
+@app.command()
+def sweep(
+    sweep_file: Annotated[Path, typer.Argument(help="Sweep file (YAML).")] = Path(
+        "sweeps/quick.yaml"
+    ),
+    data_dir: DataDirOption = None,
+    tracking_uri: TrackingOption = None,
+    experiment: Annotated[
+        str | None, typer.Option(help="MLflow experiment. Default: the sweep file's name.")
+    ] = None,
+    max_concurrent: Annotated[
+        int | None, typer.Option(help="Trials at once. Default: the sweep file's, else all.")
+    ] = None,
+    cpus_per_trial: Annotated[float | None, typer.Option(help="CPUs per trial.")] = None,
+    gpus_per_trial: Annotated[
+        float | None, typer.Option(help="GPUs per trial; fractions share a GPU.")
+    ] = None,
+    storage: Annotated[
+        Path, typer.Option(help="Where Ray keeps trial results and checkpoints.")
+    ] = Path("~/ray_results"),
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster to join (e.g. 10.0.0.1:6379).")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted sweep.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run a sweep of U-Net trainings with Ray Tune, recording every trial in MLflow."""
+    _setup_logging(verbose)
+    try:
+        from retina.config import TrialSettings, load_sweep_file
+        from retina.sweep.runner import SweepRequest, existing_sweep, run_sweep
+        from retina.tracking import connect
+
+        spec = load_sweep_file(sweep_file)
+        request = SweepRequest(
+            sweep_file=sweep_file,
+            spec=spec,
+            experiment=experiment or sweep_file.stem,
+            tracking_uri=_tracking_uri(tracking_uri),
+            storage=storage.expanduser().resolve(),
+            resume=resume,
+            address=address,
+            max_concurrent=max_concurrent,
+            cpus_per_trial=cpus_per_trial,
+            gpus_per_trial=gpus_per_trial,
+        )
+        if existing_sweep(request) and not resume:
+            raise RetinaError(
+                f"a sweep named {request.experiment!r} already exists in {request.sweep_dir}; "
+                "pass --resume to continue it, or --experiment NAME to start another"
+            )
+        connect(request.tracking_uri)
+        resolution = TrialSettings.model_validate(spec.fixed).resolution
+        dataset = _load_dataset(data_dir, resolution)
+        log.info(
+            "sweep %s: %d grid points x %d samples, %d photos (%s) at %dx%d, tracking %s",
+            request.experiment,
+            spec.grid_size() // spec.num_samples,
+            spec.num_samples,
+            len(dataset),
+            dataset.layout,
+            resolution,
+            resolution,
+            request.tracking_uri,
+        )
+        outcome = run_sweep(request, dataset)
+    except RetinaError as error:
+        _fail(error)
+    console.print(outcome.table.table(f"sweep {request.experiment}"))
+    console.print(
+        f"MLflow experiment [bold]{request.experiment}[/] (parent run {outcome.parent_run_id}); "
+        "next: [bold]retina best --evaluate[/], or [bold]retina ui[/] to browse."
+    )
+
+
+@app.command()
+def best(
+    experiment: Annotated[
+        str | None, typer.Option(help="Sweep experiment. Default: the latest sweep.")
+    ] = None,
+    metric: Annotated[str, typer.Option(help="Validation metric to rank by.")] = "best_val_f1",
+    top: Annotated[int, typer.Option(help="How many runs and configurations to list.")] = 10,
+    evaluate: Annotated[
+        bool, typer.Option("--evaluate", help="Score the chosen configuration on test photos.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    data_dir: DataDirOption = None,
+    tracking_uri: TrackingOption = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """List the best runs and configurations by validation results; evaluate the winner."""
+    _setup_logging(verbose)
+    if not metric.startswith(("best_val_", "val_")):
+        _fail(RetinaError(f"--metric {metric}: choose a validation metric (best_val_*)"))
+    try:
+        result = _best(experiment, metric, top, evaluate, data_dir, _tracking_uri(tracking_uri))
+    except RetinaError as error:
+        _fail(error)
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+
+
+def _best(experiment, metric, top, evaluate, data_dir, uri) -> dict:
+    from retina.evaluation import evaluate_run, record_evaluation
+    from retina.selection import (
+        choose_configuration,
+        describe,
+        latest_sweep_experiment,
+        load_trials,
+        rank_configurations,
+        rank_runs,
+    )
+    from retina.tracking import TAG_ROLE, connect, find_experiment
+
+    client = connect(uri)
+    experiment = experiment or latest_sweep_experiment(client, uri)
+    records = load_trials(client, uri, experiment)
+    runs = rank_runs(records, metric, top)
+    configurations = rank_configurations(records, metric)
+    chosen = choose_configuration(configurations)
+    quiet = "--json" in sys.argv
+    if not quiet:
+        _print_rankings(experiment, metric, runs, configurations[:top])
+
+    result = {
+        "experiment": experiment,
+        "metric": metric,
+        "configuration": describe(chosen.settings),
+        "configuration_score": {"mean": chosen.mean, "std": chosen.std},
+        "split_seeds": chosen.split_seeds,
+        "runs": [
+            {
+                "run_id": r.run_id,
+                "name": r.name,
+                "split_seed": r.settings.split_seed,
+                "strategy": r.settings.strategy,
+                "outcome": r.outcome,
+                metric: r.metrics.get(metric),
+            }
+            for r in chosen.runs
+        ],
+    }
+    if not evaluate:
+        return result
+
+    experiment_id = find_experiment(client, uri, experiment)
+    parents = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{TAG_ROLE}` = 'sweep'", max_results=1
+    )
+    recorded = parents[0].data.params if parents else {}
+    dataset = _load_dataset(data_dir, chosen.settings.resolution, recorded.get("data_source"))
+    if recorded.get("data_fingerprint") not in (None, dataset.fingerprint):
+        log.warning("the data differ from the sweep's (fingerprint); splits follow photo names")
+
+    evaluations = {}
+    for record in chosen.evaluable_runs:
+        evaluation = evaluate_run(record, dataset, uri)
+        record_evaluation(client, evaluation)
+        evaluations[record.run_id] = evaluation
+        if not quiet:
+            console.print(evaluation.report_text, highlight=False)
+            console.print()
+    for entry in result["runs"]:
+        if entry["run_id"] in evaluations:
+            evaluation = evaluations[entry["run_id"]]
+            entry["test"] = evaluation.metrics
+            entry["test_photos"] = evaluation.test_photos
+            entry["report"] = evaluation.reports
+    result["strategies"] = _strategy_summary(chosen.evaluable_runs, evaluations)
+    if not quiet:
+        _print_strategies(result["strategies"])
+    return result
+
+
+def _strategy_summary(records, evaluations) -> dict:
+    keys = ("test_f1", "test_f1_image", "test_f1_at_val_threshold", "test_auc", "test_accuracy")
+    summary = {}
+    for strategy in sorted({r.settings.strategy for r in records}):
+        members = [
+            evaluations[r.run_id].metrics for r in records if r.settings.strategy == strategy
+        ]
+        summary[strategy] = {"runs": len(members)}
+        for key in keys:
+            values = [m[key] for m in members]
+            summary[strategy][f"{key}_mean"] = statistics.fmean(values)
+            summary[strategy][f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return summary
+
+
+def _print_rankings(experiment, metric, runs, configurations) -> None:
+    table = Table(title=f"top runs of {experiment} by {metric}", title_justify="left")
+    for column in ("run", "outcome", metric, "best epoch", "run id"):
+        table.add_column(column)
+    for r in runs:
+        table.add_row(
+            r.name,
+            r.outcome,
+            f"{r.metrics[metric]:.4f}",
+            str(int(r.metrics.get("best_epoch", 0))),
+            r.run_id,
+        )
+    console.print(table)
+    table = Table(title="configurations by mean over split seeds", title_justify="left")
+    for column in ("#", "optimizer", "lr", "batch", "epochs", "seeds", "mean", "std"):
+        table.add_column(column)
+    for rank, score in enumerate(configurations, start=1):
+        s = score.settings
+        table.add_row(
+            str(rank),
+            s.optimizer,
+            f"{s.learning_rate:.1e}",
+            str(s.batch_size),
+            str(s.epochs),
+            ",".join(map(str, score.split_seeds)),
+            f"{score.mean:.4f}",
+            f"{score.std:.4f}",
+        )
+    console.print(table)
+
+
+def _print_strategies(summary: dict) -> None:
+    table = Table(
+        title="final-training strategies of the chosen configuration, on test photos "
+        "(mean ± std over split seeds)",
+        title_justify="left",
+    )
+    for column in ("strategy", "runs", "F1 (FOV)", "F1 (image)", "F1 at val thr.", "AUC"):
+        table.add_column(column)
+    for strategy, values in summary.items():
+        cells = [
+            f"{values[f'{key}_mean']:.4f} ± {values[f'{key}_std']:.4f}"
+            for key in ("test_f1", "test_f1_image", "test_f1_at_val_threshold", "test_auc")
+        ]
+        table.add_row(strategy, str(values["runs"]), *cells)
+    console.print(table)
+
+
+@app.command()
+def ui(
+    tracking_uri: TrackingOption = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 5000,
+) -> None:
+    """Serve the MLflow UI for the tracking store (local only by default)."""
+    uri = _tracking_uri(tracking_uri)
+    console.print(f"MLflow UI for {uri} at http://{host}:{port} (Ctrl-C stops it)")
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
+    command += ["--host", host, "--port", str(port)]
+    try:
+        raise typer.Exit(subprocess.call(command))
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+
+
+if __name__ == "__main__":
+    app()

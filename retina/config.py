@@ -1,0 +1,233 @@
+"""The settings of one trial and the sweep file that spans many.
+
+A sweep file (YAML) has ``fixed`` settings shared by every trial and a ``search`` space
+over the same setting names. Each trial's settings are one flat, validated
+``TrialSettings``: its fields are the MLflow params of the trial's run, so every run of
+every sweep carries the same param names and compares side by side in the MLflow UI.
+"""
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from retina.errors import SweepFileError
+
+Optimizer = Literal["sgd", "rmsprop", "adam", "adamw", "nadam", "radam", "adamax"]
+FinalStrategy = Literal["retrain", "finetune", "none"]
+Loss = Literal["dice_ce", "dice", "bce"]
+LearningRateSchedule = Literal["constant", "cosine", "onecycle"]
+
+
+class TrialSettings(BaseModel):
+    """Everything that decides how one trial trains: data, model, optimisation, strategy."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Data: the published experiment resized HRF to 512x512 and split at random.
+    resolution: Annotated[int, Field(ge=32, le=4096)] = 512
+    train_fraction: Annotated[float, Field(gt=0, lt=1)] = 2 / 3
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 1 / 6
+    stratify: bool = True
+    split_seed: Annotated[int, Field(ge=0)] = 0
+
+    # Model: a 2-D MONAI U-Net with residual units.
+    channels: tuple[Annotated[int, Field(ge=1)], ...] = (16, 32, 64, 128, 256)
+    residual_units: Annotated[int, Field(ge=0, le=8)] = 2
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+
+    # Optimisation of phase 1 (train split, validated every epoch).
+    loss: Loss = "dice_ce"
+    optimizer: Optimizer = "adamw"
+    learning_rate: Annotated[float, Field(gt=0, le=10)] = 1e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    lr_schedule: LearningRateSchedule = "onecycle"
+    batch_size: Annotated[int, Field(ge=1)] = 4
+    epochs: Annotated[int, Field(ge=1)] = 100
+    patience: Annotated[int, Field(ge=0)] = 20  # epochs without a better val F1; 0: never stop
+    seed: Annotated[int, Field(ge=0)] = 0  # weights and augmentation
+
+    # Augmentation, drawn per photo on the training device.
+    flips: bool = True
+    rotations: bool = True  # multiples of 90 degrees
+    brightness: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    contrast: Annotated[float, Field(ge=0, lt=1)] = 0.1
+
+    # Phase 2: the final-training strategy.
+    strategy: FinalStrategy = "retrain"
+    finetune_epochs: Annotated[int, Field(ge=1)] = 10
+    finetune_lr_factor: Annotated[float, Field(gt=0, le=1)] = 0.1
+
+    # Devices: mixed precision and channels-last apply on CUDA only.
+    mixed_precision: bool = True
+    channels_last: bool = True
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> "TrialSettings":
+        if self.train_fraction + self.val_fraction >= 1:
+            raise ValueError(
+                f"train_fraction + val_fraction is {self.train_fraction + self.val_fraction:.3g}"
+                "; it must stay below 1 to leave photos for the test split"
+            )
+        if len(self.channels) < 2:
+            raise ValueError("channels needs at least 2 widths (one down-sampling step)")
+        divisor = 2 ** (len(self.channels) - 1)
+        if self.resolution % divisor:
+            raise ValueError(
+                f"resolution {self.resolution} must be a multiple of {divisor} for "
+                f"{len(self.channels)} U-Net levels"
+            )
+        return self
+
+    @property
+    def configuration_key(self) -> str:
+        """What a configuration is: every setting except the split seed and the strategy.
+
+        Runs that share this key differ only in their data split or final strategy, so
+        their phase-1 validation scores are samples of the same configuration.
+        """
+        fields = self.model_dump(exclude={"split_seed", "strategy"})
+        return ";".join(f"{key}={value}" for key, value in sorted(fields.items()))
+
+    def run_name(self) -> str:
+        """A readable name such as ``adamw-lr3e-04-split2-retrain``."""
+        return f"{self.optimizer}-lr{self.learning_rate:.0e}-split{self.split_seed}-{self.strategy}"
+
+    def as_params(self) -> dict[str, str]:
+        """Every setting as an MLflow param value (strings, tuples written as lists)."""
+        return {
+            key: ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+            for key, value in self.model_dump().items()
+        }
+
+    @classmethod
+    def from_params(cls, params: dict[str, str]) -> "TrialSettings":
+        """Rebuild the settings of a run from its MLflow params."""
+        known = {key: value for key, value in params.items() if key in cls.model_fields}
+        if "channels" in known:
+            known["channels"] = tuple(int(width) for width in known["channels"].split(","))
+        return cls.model_validate(known)
+
+
+class LogUniform(BaseModel):
+    """Samples drawn log-uniformly between two bounds (learning rates, weight decay)."""
+
+    model_config = ConfigDict(extra="forbid")
+    loguniform: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]]
+
+
+class Uniform(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    uniform: tuple[float, float]
+
+
+SearchAxis = list[Any] | LogUniform | Uniform
+
+
+class Scheduler(BaseModel):
+    """Early stopping of poor trials across the sweep, on validation F1."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["asha", "none"] = "asha"
+    grace_period: Annotated[int, Field(ge=1)] = 10  # epochs every trial gets
+    reduction_factor: Annotated[float, Field(gt=1)] = 3
+
+
+class Resources(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_concurrent: Annotated[int, Field(ge=0)] = 0  # 0: as many as resources allow
+    cpus_per_trial: Annotated[float, Field(gt=0)] = 1
+    gpus_per_trial: Annotated[float, Field(ge=0)] = 0
+
+
+class SweepSpec(BaseModel):
+    """A validated sweep file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    description: str = ""
+    fixed: dict[str, Any] = Field(default_factory=dict)
+    search: dict[str, SearchAxis] = Field(default_factory=dict)
+    num_samples: Annotated[int, Field(ge=1)] = 1  # draws of the sampled axes per grid point
+    scheduler: Scheduler = Field(default_factory=Scheduler)
+    resources: Resources = Field(default_factory=Resources)
+    max_failures: Annotated[int, Field(ge=0)] = 0  # retries of a failed trial from its checkpoint
+
+    def grid_size(self) -> int:
+        size = self.num_samples
+        for axis in self.search.values():
+            if isinstance(axis, list):
+                size *= len(axis)
+        return size
+
+
+def _check_against_trial_settings(spec: SweepSpec, source: str) -> None:
+    """Validate every fixed value and every search value as a TrialSettings field."""
+    known = TrialSettings.model_fields
+    for section in ("fixed", "search"):
+        for key in getattr(spec, section):
+            if key not in known:
+                raise SweepFileError(
+                    f"{source}: {section}.{key}: unknown setting; allowed: {', '.join(known)}"
+                )
+    if not spec.search:
+        raise SweepFileError(f"{source}: search: empty search space; give at least one axis")
+    if "resolution" in spec.search:
+        # Photos are preprocessed once per sweep and shared by every trial.
+        raise SweepFileError(f"{source}: search.resolution: resolution must be fixed in a sweep")
+
+    def check(location: str, values: dict[str, Any]) -> None:
+        try:
+            TrialSettings.model_validate({**spec.fixed, **values})
+        except ValidationError as error:
+            raise SweepFileError(f"{source}: {location}: {_first_problem(error)}") from None
+
+    check("fixed", {})
+    for key, axis in spec.search.items():
+        if isinstance(axis, list):
+            if not axis:
+                raise SweepFileError(f"{source}: search.{key}: empty list; give at least one value")
+            for position, value in enumerate(axis):
+                check(f"search.{key}[{position}]", {key: value})
+        else:
+            low, high = axis.loguniform if isinstance(axis, LogUniform) else axis.uniform
+            if low >= high:
+                raise SweepFileError(f"{source}: search.{key}: lower bound must be below upper")
+            check(f"search.{key}", {key: low})
+            check(f"search.{key}", {key: high})
+
+
+def _first_problem(error: ValidationError) -> str:
+    problems = error.errors()
+    first = problems[0]
+    where = ".".join(str(part) for part in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "literal_error":
+        message = f"got {first['input']!r}; {message.lower()}"
+    more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+    return f"{where + ': ' if where else ''}{message}{more}"
+
+
+def load_sweep_file(path: Path) -> SweepSpec:
+    """Read and validate a sweep file; every problem is one line naming file and key."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise SweepFileError(f"{path}: cannot read sweep file ({error.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise SweepFileError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise SweepFileError(f"{path}: expected a mapping of sections at the top level")
+    try:
+        spec = SweepSpec.model_validate(raw)
+    except ValidationError as error:
+        raise SweepFileError(f"{path}: {_first_problem(error)}") from None
+    _check_against_trial_settings(spec, str(path))
+    return spec

@@ -1,0 +1,102 @@
+"""Vessel-segmentation scores, computed on the training device from probability histograms.
+
+Counting each class's pixels into probability bins once gives, for every threshold on a
+bin edge, the exact confusion matrix: F1 at 0.5, the threshold that maximises F1 and the
+area under the ROC curve all come from the same two histograms, without moving millions
+of pixels to the CPU. Two regions are scored: the whole image, as the published HRF
+experiment did, and the field of view, as the field does.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# 1000 bins put every threshold the report uses (0.5, the best F1 threshold) on a bin
+# edge to 0.001, and the ROC curve they trace is within 1e-4 of scikit-learn's AUC.
+HISTOGRAM_BINS = 1000
+REGIONS = ("fov", "image")
+
+
+@dataclass
+class VesselHistograms:
+    """Per-bin pixel counts of vessel and background pixels, for each region."""
+
+    vessel: dict[str, torch.Tensor]
+    background: dict[str, torch.Tensor]
+
+    @classmethod
+    def empty(cls, device: torch.device | str = "cpu") -> "VesselHistograms":
+        def zeros():
+            return torch.zeros(HISTOGRAM_BINS, dtype=torch.float64, device=device)
+
+        return cls({r: zeros() for r in REGIONS}, {r: zeros() for r in REGIONS})
+
+    def add(self, probabilities: torch.Tensor, vessels: torch.Tensor, fov: torch.Tensor) -> None:
+        """Count a batch of vessel probabilities against boolean labels and masks."""
+        bins = (probabilities.detach().float() * HISTOGRAM_BINS).long()
+        bins = bins.clamp_(0, HISTOGRAM_BINS - 1).flatten()
+        vessels = vessels.bool().flatten()
+        fov = fov.bool().flatten()
+        for region, inside in (("image", None), ("fov", fov)):
+            for target, histograms in ((vessels, self.vessel), (~vessels, self.background)):
+                selected = target if inside is None else target & inside
+                histograms[region] += torch.bincount(
+                    bins[selected], minlength=HISTOGRAM_BINS
+                ).double()
+
+
+def _cumulative_from_top(histogram: torch.Tensor) -> np.ndarray:
+    """Pixels at or above each bin edge k/BINS, for k = 0..BINS, as float64 numpy."""
+    counts = histogram.cpu().numpy()
+    return np.concatenate([np.cumsum(counts[::-1])[::-1], [0.0]])
+
+
+def scores_at_threshold(
+    histograms: VesselHistograms, region: str, threshold: float = 0.5
+) -> dict[str, float]:
+    """Precision, recall, F1 (Dice), IoU, specificity, accuracy and AUC-ROC of the vessels."""
+    vessel_at_or_above = _cumulative_from_top(histograms.vessel[region])
+    background_at_or_above = _cumulative_from_top(histograms.background[region])
+    edge = round(threshold * HISTOGRAM_BINS)
+    tp = vessel_at_or_above[edge]
+    fp = background_at_or_above[edge]
+    fn = vessel_at_or_above[0] - tp
+    tn = background_at_or_above[0] - fp
+    return {
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "precision": _ratio(tp, tp + fp),
+        "recall": _ratio(tp, tp + fn),
+        "specificity": _ratio(tn, tn + fp),
+        "accuracy": _ratio(tp + tn, tp + tn + fp + fn),
+        "iou": _ratio(tp, tp + fp + fn),
+        "auc": _auc(vessel_at_or_above, background_at_or_above),
+    }
+
+
+def best_f1_threshold(histograms: VesselHistograms, region: str = "fov") -> tuple[float, float]:
+    """The bin-edge threshold with the highest F1, and that F1."""
+    vessel_at_or_above = _cumulative_from_top(histograms.vessel[region])
+    background_at_or_above = _cumulative_from_top(histograms.background[region])
+    tp = vessel_at_or_above
+    fp = background_at_or_above
+    fn = vessel_at_or_above[0] - tp
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f1 = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0)
+    f1[0] = -1.0  # threshold 0 calls every pixel vessel: never a useful choice
+    edge = int(np.argmax(f1))
+    return edge / HISTOGRAM_BINS, float(f1[edge])
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return float(numerator / denominator) if denominator > 0 else 0.0
+
+
+def _auc(vessel_at_or_above: np.ndarray, background_at_or_above: np.ndarray) -> float:
+    """Area under the ROC curve traced by the bin-edge thresholds (trapezoid rule)."""
+    positives, negatives = vessel_at_or_above[0], background_at_or_above[0]
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    tpr = vessel_at_or_above[::-1] / positives
+    fpr = background_at_or_above[::-1] / negatives
+    return float(np.trapezoid(tpr, fpr))

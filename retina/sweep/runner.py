@@ -1,0 +1,266 @@
+"""Run a sweep: load the data once, open the MLflow parent run, let Ray Tune run trials.
+
+The driver checks everything a trial would otherwise fail on (sweep file, data, tracking
+store) before any trial starts, loads the preprocessed photos once and hands them to
+every trial through Ray's object store, so trials on any node read the same arrays.
+"""
+
+import logging
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+import retina
+from retina.config import LogUniform, SweepSpec, TrialSettings, Uniform
+from retina.data.dataset import FundusDataset
+from retina.errors import RetinaError, TrackingError
+from retina.sweep.monitor import ProgressTable, RunFinisher
+from retina.sweep.trial import SCHEDULER_TIME, SweepContext, run_trial
+from retina.tracking import (
+    TAG_PARENT,
+    TAG_ROLE,
+    RunRecorder,
+    connect,
+    ensure_experiment,
+    finish_if_running,
+    is_local_uri,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SweepRequest:
+    """A sweep as the user asked for it, command-line overrides applied."""
+
+    sweep_file: Path
+    spec: SweepSpec
+    experiment: str
+    tracking_uri: str
+    storage: Path
+    resume: bool = False
+    address: str | None = None
+    max_concurrent: int | None = None
+    cpus_per_trial: float | None = None
+    gpus_per_trial: float | None = None
+
+    @property
+    def sweep_dir(self) -> Path:
+        return self.storage / self.experiment
+
+
+@dataclass
+class SweepOutcome:
+    parent_run_id: str
+    experiment_id: str
+    table: ProgressTable
+    interrupted: bool
+
+
+def param_space(spec: SweepSpec) -> dict:
+    """Tune's search space: fixed settings, grids and sampled axes, over every field."""
+    space: dict = TrialSettings.model_validate(spec.fixed).model_dump()
+    for key, axis in spec.search.items():
+        if isinstance(axis, LogUniform):
+            space[key] = tune.loguniform(*axis.loguniform)
+        elif isinstance(axis, Uniform):
+            space[key] = tune.uniform(*axis.uniform)
+        else:
+            space[key] = tune.grid_search(axis)
+    return space
+
+
+def _scheduler(spec: SweepSpec):
+    if spec.scheduler.name == "none":
+        return FIFOScheduler()
+    longest = max(
+        [TrialSettings.model_validate(spec.fixed).epochs]
+        + [value for value in spec.search.get("epochs", []) if isinstance(value, int)]
+    )
+    return ASHAScheduler(
+        time_attr=SCHEDULER_TIME,
+        max_t=max(longest, spec.scheduler.grace_period),
+        grace_period=spec.scheduler.grace_period,
+        reduction_factor=spec.scheduler.reduction_factor,
+        # Keep the trials that reach the last epoch: they still have phase 2 to run.
+        stop_last_trials=False,
+    )
+
+
+def code_version() -> str:
+    """The git commit of the code, with ``-dirty`` for local changes, or the version."""
+    package_dir = Path(retina.__file__).parent
+    try:
+        commit = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=package_dir,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=5,
+        ).stdout.strip()
+        return f"{retina.__version__}+{commit}"
+    except (OSError, subprocess.SubprocessError):
+        return retina.__version__
+
+
+def start_ray(address: str | None) -> None:
+    """Join the cluster at ``address``, or start a local Ray runtime."""
+    if ray.is_initialized():
+        return
+    # Trial logs stay in Ray's log files; the console shows retina's own progress.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Checkpoints every epoch are the point; Tune's warning about them is noise here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    ray.init(
+        address=address,
+        log_to_driver=False,
+        include_dashboard=False,
+        configure_logging=True,
+        logging_level=logging.WARNING,
+    )
+
+
+def check_cluster_storage(request: SweepRequest) -> None:
+    """Refuse stores and paths that other nodes of a cluster could not reach."""
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    if len(nodes) <= 1:
+        return
+    if is_local_uri(request.tracking_uri):
+        raise TrackingError(
+            f"tracking store {request.tracking_uri} is local to this machine but the Ray "
+            f"cluster has {len(nodes)} nodes; start `retina server` and pass "
+            "--tracking-uri http://HOST:PORT"
+        )
+    storage = str(request.storage)
+    if "://" not in storage and not storage.startswith("/mnt") and not _is_shared(storage):
+        raise RetinaError(
+            f"--storage {storage} is a local path but the Ray cluster has {len(nodes)} nodes; "
+            "give shared storage (a network file system path or a cloud URI)"
+        )
+
+
+def _is_shared(path: str) -> bool:
+    """Whether ``path`` lies on a network file system (NFS, CIFS, Lustre, ...)."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return False
+    best, fs_type = "", ""
+    for line in mounts:
+        parts = line.split()
+        if len(parts) >= 3 and path.startswith(parts[1]) and len(parts[1]) > len(best):
+            best, fs_type = parts[1], parts[2]
+    return fs_type in {"nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "fuse.sshfs"}
+
+
+def _open_parent_run(request: SweepRequest, dataset: FundusDataset) -> tuple[str, str, object]:
+    client = connect(request.tracking_uri)
+    experiment_id = ensure_experiment(client, request.tracking_uri, request.experiment)
+    existing = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{TAG_ROLE}` = 'sweep'", max_results=1
+    )
+    if existing and request.resume:
+        parent = existing[0].info.run_id
+        client.update_run(parent, status="RUNNING")
+        return client, experiment_id, parent
+
+    run = client.create_run(experiment_id, run_name=request.experiment, tags={TAG_ROLE: "sweep"})
+    recorder = RunRecorder(client, run.info.run_id)
+    recorder.log_params(
+        {
+            "sweep_file": request.sweep_file.name,
+            "code_version": code_version(),
+            "data_source": dataset.source,
+            "data_layout": dataset.layout,
+            "data_fingerprint": dataset.fingerprint,
+            "photos": str(len(dataset)),
+            "resolution": str(dataset.resolution),
+            "grid_trials": str(request.spec.grid_size()),
+        }
+    )
+    recorder.log_artifact(request.sweep_file)
+    return client, experiment_id, run.info.run_id
+
+
+def run_sweep(request: SweepRequest, dataset: FundusDataset) -> SweepOutcome:
+    """Run every trial of the sweep; the MLflow store ends with no run left RUNNING."""
+    resources = request.spec.resources
+    cpus = request.cpus_per_trial or resources.cpus_per_trial
+    gpus = (
+        request.gpus_per_trial if request.gpus_per_trial is not None else resources.gpus_per_trial
+    )
+    max_concurrent = request.max_concurrent or resources.max_concurrent
+
+    start_ray(request.address)
+    check_cluster_storage(request)
+    client, experiment_id, parent_run_id = _open_parent_run(request, dataset)
+    context = SweepContext(request.tracking_uri, experiment_id, parent_run_id, cpus)
+    finisher = RunFinisher(client, experiment_id)
+    table = ProgressTable()
+
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, context=context, dataset=dataset),
+        {"cpu": cpus, "gpu": gpus},
+    )
+    if request.resume and tune.Tuner.can_restore(str(request.sweep_dir)):
+        log.info("resuming the sweep stored in %s", request.sweep_dir)
+        tuner = tune.Tuner.restore(
+            str(request.sweep_dir),
+            trainable=trainable,
+            param_space=param_space(request.spec),
+            resume_unfinished=True,
+            resume_errored=True,
+        )
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(request.spec),
+            tune_config=tune.TuneConfig(
+                metric="val_f1",
+                mode="max",
+                scheduler=_scheduler(request.spec),
+                num_samples=request.spec.num_samples,
+                max_concurrent_trials=max_concurrent or None,
+            ),
+            run_config=tune.RunConfig(
+                name=request.experiment,
+                storage_path=str(request.storage),
+                failure_config=tune.FailureConfig(max_failures=request.spec.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                callbacks=[finisher, table],
+                verbose=0,
+            ),
+        )
+    interrupted = False
+    try:
+        tuner.fit()
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        # Whatever ended the sweep, no trial's run may stay RUNNING, nor the sweep's.
+        leftover = client.search_runs(
+            [experiment_id],
+            filter_string=(
+                f"tags.`{TAG_PARENT}` = '{parent_run_id}' and attributes.status = 'RUNNING'"
+            ),
+        )
+        for run in leftover:
+            finish_if_running(client, run.info.run_id, "killed", "the sweep ended before it")
+        client.set_terminated(parent_run_id, status="KILLED" if interrupted else "FINISHED")
+        log.info("sweep %s ended; parent run %s", request.experiment, parent_run_id)
+    return SweepOutcome(parent_run_id, experiment_id, table, interrupted)
+
+
+def existing_sweep(request: SweepRequest) -> bool:
+    return request.sweep_dir.exists()
+
+
+def remove_sweep_state(request: SweepRequest) -> None:
+    shutil.rmtree(request.sweep_dir, ignore_errors=True)

@@ -1,0 +1,212 @@
+"""One Ray Tune trial: phase 1, the final-training strategy, and its MLflow run.
+
+The trial owns its MLflow run from creation to its final status. It reports every
+phase-1 epoch to Tune with a checkpoint holding everything needed to continue (weights,
+optimizer, schedule, augmentation state, the best epoch so far) and the MLflow run id,
+so that a resumed or retried trial carries on in the same run.
+"""
+
+import logging
+import tempfile
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from ray import tune
+
+from retina.config import TrialSettings
+from retina.data.dataset import FundusDataset
+from retina.data.splits import split_photos
+from retina.figures import learning_curves_figure, predictions_figure
+from retina.tracking import (
+    TAG_PARENT,
+    TAG_ROLE,
+    TAG_TRIAL_ID,
+    RunRecorder,
+    connect,
+    find_trial_run,
+    log_torch_model,
+)
+from retina.training import (
+    DivergedError,
+    PhaseOneProgress,
+    PhotoTensors,
+    TrainingRun,
+    predict_probabilities,
+    run_final_training,
+    run_phase_one,
+)
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "trial_state.pt"
+# Results with this key drive ASHA; phase-2 results leave it out so that ASHA neither
+# compares nor stops a trial while it produces its final model.
+SCHEDULER_TIME = "epoch"
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """What every trial of a sweep shares, sent once through Ray's object store."""
+
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    cpus_per_trial: float
+
+
+def choose_device() -> torch.device:
+    """The trial's GPU when Ray gave it one, else the CPU."""
+    if (
+        torch.cuda.is_available()
+        and tune.get_context().get_trial_resources().required_resources.get("GPU", 0)
+    ):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def split_tensors(
+    dataset: FundusDataset, settings: TrialSettings, device: torch.device
+) -> tuple[PhotoTensors, PhotoTensors]:
+    """The trial's train and validation photos on its device; the test photos stay unread."""
+    split = split_photos(
+        dataset.names,
+        settings.split_seed,
+        settings.train_fraction,
+        settings.val_fraction,
+        categories=dataset.categories if settings.stratify else None,
+        official_splits=dataset.official_splits,
+    )
+    return (
+        PhotoTensors.from_dataset(dataset, dataset.index_of(split.train), device),
+        PhotoTensors.from_dataset(dataset, dataset.index_of(split.val), device),
+    )
+
+
+def _open_run(context: SweepContext, settings: TrialSettings, trial_id: str) -> RunRecorder:
+    """Reattach to this trial's run if it has one (resume, retry), else create it."""
+    client = connect(context.tracking_uri)
+    run_id = find_trial_run(client, context.experiment_id, trial_id)
+    if run_id is None:
+        run = client.create_run(
+            context.experiment_id,
+            run_name=settings.run_name(),
+            tags={TAG_PARENT: context.parent_run_id, TAG_ROLE: "trial", TAG_TRIAL_ID: trial_id},
+        )
+        run_id = run.info.run_id
+    else:
+        client.update_run(run_id, status="RUNNING")
+        log.info("reattached to MLflow run %s", run_id)
+    recorder = RunRecorder(client, run_id)
+    recorder.log_params(settings.as_params())
+    return recorder
+
+
+def _restore() -> tuple[PhaseOneProgress, dict] | None:
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=False)
+    return state["progress"], state["run"]
+
+
+def run_trial(config: dict, context: SweepContext, dataset: FundusDataset) -> None:
+    """Train one configuration; the Ray Tune function trainable."""
+    settings = TrialSettings.model_validate(config)
+    torch.set_num_threads(max(1, int(context.cpus_per_trial)))
+    device = choose_device()
+    trial_id = tune.get_context().get_trial_id()
+    recorder = _open_run(context, settings, trial_id)
+    log.info("trial %s (%s) on %s, run %s", trial_id, settings.run_name(), device, recorder.run_id)
+
+    try:
+        train, val = split_tensors(dataset, settings, device)
+        progress = _phase_one(settings, train, val, device, recorder)
+        _log_phase_one_figures(settings, val, device, progress, recorder)
+        model = run_final_training(
+            settings,
+            train,
+            val,
+            device,
+            progress,
+            on_epoch=lambda epoch, loss: recorder.log_metrics({"final_train_loss": loss}, epoch),
+        )
+        example = train.photos[:1].detach().float().cpu()
+        log_torch_model(context.tracking_uri, recorder.run_id, model, example)
+    except DivergedError as error:
+        # A diverged trial would diverge again on retry: end it here, not in Tune's retries.
+        recorder.finish("failed", str(error))
+        tune.report({"outcome": "failed", "mlflow_run_id": recorder.run_id, "val_f1": 0.0})
+        return
+    except Exception as error:
+        last_line = traceback.format_exception_only(error)[-1].strip()
+        recorder.finish("failed", last_line)
+        raise
+
+    recorder.finish("finished")
+    tune.report(
+        {
+            "outcome": "finished",
+            "mlflow_run_id": recorder.run_id,
+            "val_f1": progress.best_f1,
+            "best_val_f1": progress.best_f1,
+        }
+    )
+
+
+def _phase_one(
+    settings: TrialSettings,
+    train: PhotoTensors,
+    val: PhotoTensors,
+    device: torch.device,
+    recorder: RunRecorder,
+) -> PhaseOneProgress:
+    """Phase 1 with a Tune report, MLflow metrics and a checkpoint after every epoch."""
+
+    def on_epoch(metrics: dict[str, float], progress: PhaseOneProgress, run: TrainingRun) -> None:
+        epoch = progress.epochs_done
+        recorder.log_metrics(metrics, step=epoch)
+        if progress.best_epoch == epoch:
+            best = {f"best_{key}": value for key, value in progress.best_metrics.items()}
+            best |= {"best_epoch": epoch, "best_val_threshold": progress.best_threshold}
+            recorder.log_metrics(best, step=epoch)
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save({"progress": progress, "run": run.state()}, Path(folder) / CHECKPOINT_FILE)
+            tune.report(
+                {
+                    SCHEDULER_TIME: epoch,
+                    "val_f1": metrics["val_f1"],
+                    "val_loss": metrics["val_loss"],
+                    "train_loss": metrics["train_loss"],
+                    "best_val_f1": progress.best_f1,
+                    "mlflow_run_id": recorder.run_id,
+                },
+                checkpoint=tune.Checkpoint.from_directory(folder),
+            )
+
+    return run_phase_one(settings, train, val, device, on_epoch, resume_from=_restore())
+
+
+def _log_phase_one_figures(
+    settings: TrialSettings,
+    val: PhotoTensors,
+    device: torch.device,
+    progress: PhaseOneProgress,
+    recorder: RunRecorder,
+) -> None:
+    recorder.log_figure(learning_curves_figure(progress.history), "learning_curves.png")
+    model = TrainingRun.start(settings, device, 1, 1, weights=progress.best_weights).model
+    shown = slice(0, 4)
+    probabilities = predict_probabilities(model, val.photos[shown], settings)
+    recorder.log_figure(
+        predictions_figure(
+            val.photos[shown].cpu(),
+            val.vessels[shown].cpu(),
+            probabilities.cpu(),
+            threshold=progress.best_threshold,
+            title="validation (phase-1 best epoch)",
+        ),
+        "val_predictions.png",
+    )
