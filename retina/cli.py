@@ -31,8 +31,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-errors = Console(stderr=True)
+# Logs and CI captures are not terminals; give their tables room rather than 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 120)
+errors = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 log = logging.getLogger("retina")
 
 DataDirOption = Annotated[
@@ -163,9 +164,28 @@ def sweep(
         outcome = run_sweep(request, dataset)
     except RetinaError as error:
         _fail(error)
-    console.print(outcome.table.table(f"sweep {request.experiment}"))
+    _print_sweep_summary(request.experiment, outcome, request.tracking_uri)
+    if outcome.interrupted:
+        raise typer.Exit(code=130)
+
+
+def _print_sweep_summary(experiment: str, outcome, uri: str) -> None:
+    from retina.sweep.runner import summarize_trials
+    from retina.tracking import connect
+
+    trials = summarize_trials(connect(uri), outcome.experiment_id, outcome.parent_run_id)
+    table = Table(title=f"sweep {experiment}: {len(trials)} trials", title_justify="left")
+    table.add_column("trial (optimizer-lr-split-strategy)", no_wrap=True)
+    for column in ("outcome", "best val F1", "best epoch"):
+        table.add_column(column, justify="right")
+    table.add_column("reason")
+    for trial in trials:
+        score = "-" if trial.best_val_f1 is None else f"{trial.best_val_f1:.4f}"
+        epoch = "-" if trial.best_epoch is None else str(trial.best_epoch)
+        table.add_row(trial.name, trial.outcome, score, epoch, trial.reason)
+    console.print(table)
     console.print(
-        f"MLflow experiment [bold]{request.experiment}[/] (parent run {outcome.parent_run_id}); "
+        f"MLflow experiment [bold]{experiment}[/] (parent run {outcome.parent_run_id}); "
         "next: [bold]retina best --evaluate[/], or [bold]retina ui[/] to browse."
     )
 

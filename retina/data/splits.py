@@ -45,7 +45,14 @@ def split_photos(
     photos (DRIVE), those are the test set and the rest is split into train and
     validation in proportion to their fractions.
     """
-    names = list(names)
+    # Sort first, so that the split depends on which photos there are, not on the order
+    # a file system happened to list them in.
+    order = sorted(range(len(names)), key=lambda i: names[i])
+    names = [names[i] for i in order]
+    if categories is not None:
+        categories = [categories[i] for i in order]
+    if official_splits is not None:
+        official_splits = [official_splits[i] for i in order]
     if categories is not None and any(category is None for category in categories):
         raise DataError("stratified split needs a category for every photo (HRF names)")
 
@@ -63,11 +70,12 @@ def split_photos(
         pool = names
         n_train, n_val = _part_sizes(len(pool), train_fraction, val_fraction)
 
-    order = _shuffled(pool, seed, categories and dict(zip(names, categories, strict=True)))
+    category_of = dict(zip(names, categories, strict=True)) if categories else None
+    shuffled = _shuffled(pool, seed, category_of)
     split = Split(
-        train=tuple(sorted(order[:n_train])),
-        val=tuple(sorted(order[n_train : n_train + n_val])),
-        test=tuple(sorted(official_test or order[n_train + n_val :])),
+        train=tuple(sorted(shuffled[:n_train])),
+        val=tuple(sorted(shuffled[n_train : n_train + n_val])),
+        test=tuple(sorted(official_test or shuffled[n_train + n_val :])),
     )
     for part in ("train", "val", "test"):
         if not getattr(split, part):

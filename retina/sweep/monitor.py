@@ -2,7 +2,7 @@
 
 A trial stopped by ASHA, killed by an interrupt or crashed in its worker cannot finish
 its own MLflow run. ``RunFinisher`` does it from the driver, which sees every trial's
-end. ``ProgressTable`` keeps a compact table of every trial for the console.
+end. ``ProgressLog`` keeps a compact table of every trial for the console.
 """
 
 import logging
@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 from ray.tune.experiment import Trial
-from rich.table import Table
 
 from retina.config import TrialSettings
 from retina.tracking import find_trial_run, finish_if_running
@@ -21,11 +20,25 @@ log = logging.getLogger(__name__)
 
 
 class RunFinisher(Callback):
-    """Give every trial's MLflow run a final status that says what happened to it."""
+    """Give every trial's MLflow run a final status that says what happened to it.
 
-    def __init__(self, client: MlflowClient, experiment_id: str) -> None:
-        self.client = client
+    Tune pickles its callbacks with the sweep's state, so the MLflow client is made on
+    first use rather than held: a resumed sweep gets a fresh one.
+    """
+
+    def __init__(self, tracking_uri: str, experiment_id: str) -> None:
+        self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
+        self._client: MlflowClient | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_client": None}
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
 
     def _run_of(self, trial: Trial) -> str | None:
         run_id = (trial.last_result or {}).get("mlflow_run_id")
@@ -59,8 +72,8 @@ class TrialRow:
     started: float = field(default_factory=time.monotonic)
 
 
-class ProgressTable(Callback):
-    """Collects each trial's latest numbers; logs one line per epoch milestone."""
+class ProgressLog(Callback):
+    """Logs trial starts and ends, and every half minute where each running trial is."""
 
     def __init__(self, log_every_seconds: float = 30.0) -> None:
         self.rows: dict[str, TrialRow] = {}
@@ -112,19 +125,3 @@ class ProgressTable(Callback):
         row.status = "ERROR"
         row.outcome = "failed"
         log.warning("%s failed; see %s", row.name, trial.error_file)
-
-    def table(self, title: str = "trials") -> Table:
-        """Every trial, best validation F1 first; the name spells out its settings."""
-        table = Table(title=title, title_justify="left")
-        table.add_column("trial (optimizer-lr-split-strategy)", no_wrap=True)
-        for column in ("outcome", "epoch", "val F1", "best val F1"):
-            table.add_column(column, justify="right")
-        for row in sorted(self.rows.values(), key=lambda r: -(r.best_val_f1 or -1)):
-            table.add_row(
-                row.name,
-                row.outcome or row.status.lower(),
-                str(row.epoch),
-                _score(row.val_f1),
-                _score(row.best_val_f1),
-            )
-        return table

@@ -7,7 +7,7 @@ every trial through Ray's object store, so trials on any node read the same arra
 
 import logging
 import os
-import shutil
+import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +20,11 @@ import retina
 from retina.config import LogUniform, SweepSpec, TrialSettings, Uniform
 from retina.data.dataset import FundusDataset
 from retina.errors import RetinaError, TrackingError
-from retina.sweep.monitor import ProgressTable, RunFinisher
+from retina.sweep.monitor import ProgressLog, RunFinisher
 from retina.sweep.trial import SCHEDULER_TIME, SweepContext, run_trial
 from retina.tracking import (
+    TAG_FAILURE,
+    TAG_OUTCOME,
     TAG_PARENT,
     TAG_ROLE,
     RunRecorder,
@@ -59,7 +61,6 @@ class SweepRequest:
 class SweepOutcome:
     parent_run_id: str
     experiment_id: str
-    table: ProgressTable
     interrupted: bool
 
 
@@ -117,6 +118,7 @@ def start_ray(address: str | None) -> None:
     # Trial logs stay in Ray's log files; the console shows retina's own progress.
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # Checkpoints every epoch are the point; Tune's warning about them is noise here.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     ray.init(
         address=address,
@@ -202,8 +204,8 @@ def run_sweep(request: SweepRequest, dataset: FundusDataset) -> SweepOutcome:
     check_cluster_storage(request)
     client, experiment_id, parent_run_id = _open_parent_run(request, dataset)
     context = SweepContext(request.tracking_uri, experiment_id, parent_run_id, cpus)
-    finisher = RunFinisher(client, experiment_id)
-    table = ProgressTable()
+    finisher = RunFinisher(request.tracking_uri, experiment_id)
+    progress_log = ProgressLog()
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, context=context, dataset=dataset),
@@ -234,33 +236,83 @@ def run_sweep(request: SweepRequest, dataset: FundusDataset) -> SweepOutcome:
                 storage_path=str(request.storage),
                 failure_config=tune.FailureConfig(max_failures=request.spec.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                callbacks=[finisher, table],
+                callbacks=[finisher, progress_log],
                 verbose=0,
             ),
         )
-    interrupted = False
+    _finish_leftover_runs(client, experiment_id, parent_run_id)
+    # Tune turns Ctrl-C into a clean stop that saves the sweep's state; make SIGTERM
+    # (a scheduler's or a reboot's) do the same.
+    previous_sigterm = signal.signal(signal.SIGTERM, _interrupt_as_ctrl_c)
     try:
         tuner.fit()
-    except KeyboardInterrupt:
-        interrupted = True
     finally:
-        # Whatever ended the sweep, no trial's run may stay RUNNING, nor the sweep's.
-        leftover = client.search_runs(
-            [experiment_id],
-            filter_string=(
-                f"tags.`{TAG_PARENT}` = '{parent_run_id}' and attributes.status = 'RUNNING'"
-            ),
+        signal.signal(signal.SIGTERM, previous_sigterm)
+        # Tune returns normally after Ctrl-C; trials without an outcome tell it apart.
+        children = client.search_runs(
+            [experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}'"
         )
-        for run in leftover:
-            finish_if_running(client, run.info.run_id, "killed", "the sweep ended before it")
+        concluded = [
+            run
+            for run in children
+            if run.data.tags.get(TAG_OUTCOME) in ("finished", "failed", "stopped_early")
+        ]
+        interrupted = len(concluded) < request.spec.grid_size()
+        # Whatever ended the sweep, no trial's run may stay RUNNING, nor the sweep's.
+        _finish_leftover_runs(client, experiment_id, parent_run_id)
         client.set_terminated(parent_run_id, status="KILLED" if interrupted else "FINISHED")
-        log.info("sweep %s ended; parent run %s", request.experiment, parent_run_id)
-    return SweepOutcome(parent_run_id, experiment_id, table, interrupted)
+    if interrupted:
+        log.warning(
+            "sweep %s interrupted; finished trials are kept. Continue it with: "
+            "retina sweep %s --resume",
+            request.experiment,
+            request.sweep_file,
+        )
+    return SweepOutcome(parent_run_id, experiment_id, interrupted)
+
+
+def _finish_leftover_runs(client, experiment_id: str, parent_run_id: str) -> None:
+    """Mark runs a stopped sweep left RUNNING as killed; resumed trials reattach to them."""
+    leftover = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}' and attributes.status = 'RUNNING'",
+    )
+    for run in leftover:
+        finish_if_running(client, run.info.run_id, "killed", "the sweep stopped before it")
+
+
+def _interrupt_as_ctrl_c(signum, frame) -> None:
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 def existing_sweep(request: SweepRequest) -> bool:
     return request.sweep_dir.exists()
 
 
-def remove_sweep_state(request: SweepRequest) -> None:
-    shutil.rmtree(request.sweep_dir, ignore_errors=True)
+@dataclass(frozen=True)
+class TrialSummary:
+    name: str
+    outcome: str
+    best_val_f1: float | None
+    best_epoch: int | None
+    reason: str
+
+
+def summarize_trials(client, experiment_id: str, parent_run_id: str) -> list[TrialSummary]:
+    """Every trial of the sweep as MLflow recorded it, best validation F1 first."""
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}'"
+    )
+    summaries = [
+        TrialSummary(
+            name=run.info.run_name,
+            outcome=run.data.tags.get(TAG_OUTCOME, run.info.status.lower()),
+            best_val_f1=run.data.metrics.get("best_val_f1"),
+            best_epoch=int(run.data.metrics["best_epoch"])
+            if "best_epoch" in run.data.metrics
+            else None,
+            reason=run.data.tags.get(TAG_FAILURE, ""),
+        )
+        for run in runs
+    ]
+    return sorted(summaries, key=lambda t: -(t.best_val_f1 if t.best_val_f1 is not None else -1))

@@ -20,6 +20,7 @@ from retina.data.dataset import FundusDataset
 from retina.data.splits import split_photos
 from retina.figures import learning_curves_figure, predictions_figure
 from retina.tracking import (
+    TAG_OUTCOME,
     TAG_PARENT,
     TAG_ROLE,
     TAG_TRIAL_ID,
@@ -120,6 +121,13 @@ def run_trial(config: dict, context: SweepContext, dataset: FundusDataset) -> No
     trial_id = tune.get_context().get_trial_id()
     recorder = _open_run(context, settings, trial_id)
     log.info("trial %s (%s) on %s, run %s", trial_id, settings.run_name(), device, recorder.run_id)
+    finished = recorder.client.get_run(recorder.run_id).data
+    if finished.tags.get(TAG_OUTCOME) == "finished":
+        # The trial finished after the sweep's last saved state: keep it, do not redo it.
+        recorder.finish("finished")
+        best = finished.metrics.get("best_val_f1", 0.0)
+        tune.report({"outcome": "finished", "mlflow_run_id": recorder.run_id, "val_f1": best})
+        return
 
     try:
         train, val = split_tensors(dataset, settings, device)

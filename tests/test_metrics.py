@@ -1,0 +1,43 @@
+"""Histogram metrics agree with scikit-learn on the same pixels."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
+
+from retina.metrics import VesselHistograms, best_f1_threshold, scores_at_threshold
+
+
+@pytest.fixture
+def pixels():
+    rng = np.random.default_rng(0)
+    truth = rng.random((4, 1, 64, 64)) < 0.12
+    noisy = np.clip(truth * 0.55 + rng.normal(0.25, 0.2, truth.shape), 0, 0.999)
+    fov = np.zeros_like(truth)
+    fov[..., 8:56, 8:56] = True
+    return truth, noisy.astype(np.float32), fov
+
+
+@pytest.mark.parametrize("region", ["image", "fov"])
+def test_scores_match_scikit_learn(pixels, region):
+    truth, probability, fov = pixels
+    histograms = VesselHistograms.empty()
+    histograms.add(torch.from_numpy(probability), torch.from_numpy(truth), torch.from_numpy(fov))
+    inside = fov.ravel() if region == "fov" else np.ones(truth.size, dtype=bool)
+    y, p = truth.ravel()[inside], probability.ravel()[inside]
+    scores = scores_at_threshold(histograms, region, 0.5)
+    assert scores["f1"] == pytest.approx(f1_score(y, p >= 0.5), abs=1e-9)
+    assert scores["precision"] == pytest.approx(precision_score(y, p >= 0.5), abs=1e-9)
+    assert scores["recall"] == pytest.approx(recall_score(y, p >= 0.5), abs=1e-9)
+    assert scores["accuracy"] == pytest.approx(np.mean(y == (p >= 0.5)), abs=1e-9)
+    assert scores["auc"] == pytest.approx(roc_auc_score(y, p), abs=2e-3)
+
+
+def test_best_threshold_beats_or_equals_half(pixels):
+    truth, probability, fov = pixels
+    histograms = VesselHistograms.empty()
+    histograms.add(torch.from_numpy(probability), torch.from_numpy(truth), torch.from_numpy(fov))
+    threshold, best = best_f1_threshold(histograms, "fov")
+    assert 0 < threshold < 1
+    assert best >= scores_at_threshold(histograms, "fov", 0.5)["f1"]
+    assert best == pytest.approx(scores_at_threshold(histograms, "fov", threshold)["f1"])

@@ -1,0 +1,114 @@
+"""Nothing lost: interrupted sweeps resume into the same runs; failing trials are contained."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+SWEEPS = Path(__file__).parent / "sweeps"
+
+
+def _sweep_command(sweep: str, hrf_dir: Path, work: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "retina.cli", "sweep", str(SWEEPS / sweep),
+        "--data-dir", str(hrf_dir), "--storage", str(work / "ray"), *extra,
+    ]  # fmt: skip
+
+
+def _trial_runs(client: MlflowClient, experiment: str):
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    return client.search_runs([found.experiment_id], filter_string="tags.`retina.role` = 'trial'")
+
+
+def _wait_until(condition, timeout: float, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "the sweep did not get there in time"
+        time.sleep(0.5)
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGINT], ids=["kill", "ctrl-c"])
+def test_interrupted_sweep_resumes_into_one_run_per_trial(tmp_path, hrf_dir, stop_signal):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+    driver = subprocess.Popen(
+        _sweep_command("resumable.yaml", hrf_dir, tmp_path),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+    def one_finished_and_one_under_way() -> bool:
+        runs = _trial_runs(client, "resumable")
+        finished = [r for r in runs if r.data.tags.get("retina.outcome") == "finished"]
+        started = [r for r in runs if r.info.status == "RUNNING" and "val_f1" in r.data.metrics]
+        return bool(finished) and bool(started)
+
+    _wait_until(one_finished_and_one_under_way, 240, driver)
+    finished_before = [
+        r
+        for r in _trial_runs(client, "resumable")
+        if r.data.tags.get("retina.outcome") == "finished"
+    ]
+    before = {
+        r.info.run_id: (
+            r.data.metrics["best_val_f1"],
+            len(client.get_metric_history(r.info.run_id, "val_f1")),
+        )
+        for r in finished_before
+    }
+    driver.send_signal(stop_signal)
+    _, stderr = driver.communicate(timeout=120)
+    if stop_signal == signal.SIGINT:
+        assert driver.returncode == 130, stderr[-3000:]
+        assert "--resume" in stderr
+        assert all(r.info.status != "RUNNING" for r in _trial_runs(client, "resumable"))
+
+    resumed = subprocess.run(
+        _sweep_command("resumable.yaml", hrf_dir, tmp_path, "--resume"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    runs = _trial_runs(client, "resumable")
+    trial_ids = [r.data.tags["retina.trial_id"] for r in runs]
+    assert len(runs) == 4 and len(set(trial_ids)) == 4
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert all(r.data.tags["retina.outcome"] == "finished" for r in runs)
+    for run_id, (best, epochs) in before.items():
+        run = client.get_run(run_id)
+        assert run.data.metrics["best_val_f1"] == best
+        assert len(client.get_metric_history(run_id, "val_f1")) == epochs == 6
+    sweeps = client.search_runs(
+        [client.get_experiment_by_name("resumable").experiment_id],
+        filter_string="tags.`retina.role` = 'sweep'",
+    )
+    assert len(sweeps) == 1 and sweeps[0].info.status == "FINISHED"
+
+
+def test_diverging_trial_fails_alone_with_its_reason(tmp_path, hrf_dir):
+    result = subprocess.run(
+        _sweep_command("diverging.yaml", hrf_dir, tmp_path),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+    runs = {r.data.params["learning_rate"]: r for r in _trial_runs(client, "diverging")}
+    assert runs["10.0"].info.status == "FAILED"
+    assert "loss became" in runs["10.0"].data.tags["retina.failure"]
+    assert runs["0.01"].info.status == "FINISHED"
+    assert runs["0.01"].data.tags["retina.outcome"] == "finished"
+    assert "failed" in result.stdout and "finished" in result.stdout

@@ -1,0 +1,56 @@
+"""Sweep files: shipped ones validate, bad ones give one line naming file and key."""
+
+from pathlib import Path
+
+import pytest
+
+from retina.config import TrialSettings, load_sweep_file
+from retina.errors import SweepFileError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["quick.yaml", "hrf.yaml"])
+def test_shipped_sweep_files_are_valid(name):
+    spec = load_sweep_file(REPO / "sweeps" / name)
+    assert spec.grid_size() >= 8
+
+
+def test_quick_sweep_has_at_least_8_trials_and_both_strategies():
+    spec = load_sweep_file(REPO / "sweeps" / "quick.yaml")
+    assert spec.grid_size() >= 8
+    assert set(spec.search["strategy"]) == {"retrain", "finetune"}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("fixed: [unclosed", "not valid YAML"),
+        ("- a list", "expected a mapping"),
+        ("search: {optimizer: [adam]}\nbogus: 1", "bogus: Extra inputs are not permitted"),
+        ("search: {optimiser: [adam]}", "search.optimiser: unknown setting"),
+        ("search: {optimizer: [adam, adamz]}", "search.optimizer[1]: optimizer: got 'adamz'"),
+        ("search: {strategy: [distill]}", "search.strategy[0]: strategy: got 'distill'"),
+        ("search: {learning_rate: [0.0]}", "search.learning_rate[0]: learning_rate"),
+        ("search: {learning_rate: {loguniform: [0.1, 0.01]}}", "lower bound must be below"),
+        ("search: {batch_size: [two]}", "search.batch_size[0]: batch_size"),
+        ("fixed: {train_fraction: 0.9, val_fraction: 0.2}\nsearch: {seed: [0]}", "below 1"),
+        ("fixed: {epochs: 3}", "empty search space"),
+        ("search: {optimizer: []}", "search.optimizer: empty list"),
+        ("search: {resolution: [256, 512]}", "resolution must be fixed"),
+    ],
+)
+def test_bad_sweep_files_give_one_line_naming_file_and_key(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(SweepFileError) as error:
+        load_sweep_file(path)
+    assert str(error.value).startswith(str(path))
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_settings_survive_a_round_trip_through_mlflow_params():
+    settings = TrialSettings(channels=(8, 16, 32), resolution=64, optimizer="nadam")
+    assert TrialSettings.from_params(settings.as_params()) == settings
+    assert settings.run_name() == "nadam-lr1e-03-split0-retrain"
