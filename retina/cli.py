@@ -114,8 +114,12 @@ def sweep(
         float | None, typer.Option(help="GPUs per trial; fractions share a GPU.")
     ] = None,
     storage: Annotated[
-        Path, typer.Option(help="Where Ray keeps trial results and checkpoints.")
-    ] = Path("~/ray_results"),
+        str,
+        typer.Option(
+            help="Where Ray keeps trial results and checkpoints: a folder, or on a cluster "
+            "shared storage (an NFS path, s3://..., gs://...)."
+        ),
+    ] = "~/ray_results",
     address: Annotated[
         str | None, typer.Option(help="Ray cluster to join (e.g. 10.0.0.1:6379).")
     ] = None,
@@ -135,7 +139,7 @@ def sweep(
             spec=spec,
             experiment=experiment or sweep_file.stem,
             tracking_uri=_tracking_uri(tracking_uri),
-            storage=storage.expanduser().resolve(),
+            storage=storage if "://" in storage else str(Path(storage).expanduser().resolve()),
             resume=resume,
             address=address,
             max_concurrent=max_concurrent,
@@ -144,7 +148,7 @@ def sweep(
         )
         if existing_sweep(request) and not resume:
             raise RetinaError(
-                f"a sweep named {request.experiment!r} already exists in {request.sweep_dir}; "
+                f"a sweep named {request.experiment!r} already exists in {request.sweep_path}; "
                 "pass --resume to continue it, or --experiment NAME to start another"
             )
         connect(request.tracking_uri)
@@ -363,6 +367,39 @@ def ui(
     console.print(f"MLflow UI for {uri} at http://{host}:{port} (Ctrl-C stops it)")
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
     command += ["--host", host, "--port", str(port)]
+    try:
+        raise typer.Exit(subprocess.call(command))
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+
+
+@app.command()
+def server(
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; 0.0.0.0 lets cluster nodes reach it.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 5000,
+    store: Annotated[
+        Path, typer.Option(help="Folder of the tracking store (mlflow.db and artifacts/).")
+    ] = Path("mlflow"),
+    allowed_hosts: Annotated[
+        str | None,
+        typer.Option(help="Host headers to accept, comma-separated (MLflow's own guard)."),
+    ] = None,
+) -> None:
+    """Serve the tracking store to every node of a cluster, artifacts proxied through it.
+
+    Trials on any node then log with --tracking-uri http://HOST:PORT.
+    """
+    store = store.expanduser().resolve()
+    (store / "artifacts").mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "mlflow", "server"]
+    command += ["--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}"]
+    command += ["--artifacts-destination", str(store / "artifacts"), "--serve-artifacts"]
+    command += ["--host", host, "--port", str(port)]
+    if allowed_hosts:
+        command += ["--allowed-hosts", allowed_hosts]
+    console.print(f"MLflow tracking server for {store} at http://{host}:{port} (Ctrl-C stops)")
     try:
         raise typer.Exit(subprocess.call(command))
     except KeyboardInterrupt:

@@ -25,6 +25,9 @@ TAG_TRIAL_ID = "retina.trial_id"  # Ray Tune's trial id, stable across resumes
 TAG_OUTCOME = "retina.outcome"  # finished | stopped_early | failed | killed
 TAG_FAILURE = "retina.failure"  # one line: why a trial failed
 TAG_EVALUATED = "retina.evaluated"  # "true" once the test split was scored
+TAG_NODE = (
+    "retina.node_id"  # the Ray node a trial last ran on  # "true" once the test split was scored
+)
 TAG_PARENT = "mlflow.parentRunId"
 MODEL_ARTIFACT = "model"
 

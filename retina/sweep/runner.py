@@ -45,7 +45,7 @@ class SweepRequest:
     spec: SweepSpec
     experiment: str
     tracking_uri: str
-    storage: Path
+    storage: str  # a local folder or a URI (file://, s3://, gs://, ...)
     resume: bool = False
     address: str | None = None
     max_concurrent: int | None = None
@@ -53,8 +53,8 @@ class SweepRequest:
     gpus_per_trial: float | None = None
 
     @property
-    def sweep_dir(self) -> Path:
-        return self.storage / self.experiment
+    def sweep_path(self) -> str:
+        return f"{self.storage.rstrip('/')}/{self.experiment}"
 
 
 @dataclass
@@ -140,15 +140,15 @@ def check_cluster_storage(request: SweepRequest) -> None:
             f"cluster has {len(nodes)} nodes; start `retina server` and pass "
             "--tracking-uri http://HOST:PORT"
         )
-    storage = str(request.storage)
-    if "://" not in storage and not storage.startswith("/mnt") and not _is_shared(storage):
+    storage = request.storage
+    if "://" not in storage and not _is_network_mount(storage):
         raise RetinaError(
-            f"--storage {storage} is a local path but the Ray cluster has {len(nodes)} nodes; "
-            "give shared storage (a network file system path or a cloud URI)"
+            f"--storage {storage} is a local path but the Ray cluster has {len(nodes)} nodes: "
+            "it must be shared storage (a network file system path or a URI such as s3://)"
         )
 
 
-def _is_shared(path: str) -> bool:
+def _is_network_mount(path: str) -> bool:
     """Whether ``path`` lies on a network file system (NFS, CIFS, Lustre, ...)."""
     try:
         mounts = Path("/proc/mounts").read_text().splitlines()
@@ -211,10 +211,10 @@ def run_sweep(request: SweepRequest, dataset: FundusDataset) -> SweepOutcome:
         tune.with_parameters(run_trial, context=context, dataset=dataset),
         {"cpu": cpus, "gpu": gpus},
     )
-    if request.resume and tune.Tuner.can_restore(str(request.sweep_dir)):
-        log.info("resuming the sweep stored in %s", request.sweep_dir)
+    if request.resume and tune.Tuner.can_restore(request.sweep_path):
+        log.info("resuming the sweep stored in %s", request.sweep_path)
         tuner = tune.Tuner.restore(
-            str(request.sweep_dir),
+            request.sweep_path,
             trainable=trainable,
             param_space=param_space(request.spec),
             resume_unfinished=True,
@@ -233,7 +233,7 @@ def run_sweep(request: SweepRequest, dataset: FundusDataset) -> SweepOutcome:
             ),
             run_config=tune.RunConfig(
                 name=request.experiment,
-                storage_path=str(request.storage),
+                storage_path=request.storage,
                 failure_config=tune.FailureConfig(max_failures=request.spec.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 callbacks=[finisher, progress_log],
@@ -286,7 +286,7 @@ def _interrupt_as_ctrl_c(signum, frame) -> None:
 
 
 def existing_sweep(request: SweepRequest) -> bool:
-    return request.sweep_dir.exists()
+    return tune.Tuner.can_restore(request.sweep_path)
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,13 @@ so that a resumed or retried trial carries on in the same run.
 """
 
 import logging
+import socket
 import tempfile
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray
 import torch
 from ray import tune
 
@@ -20,6 +22,7 @@ from retina.data.dataset import FundusDataset
 from retina.data.splits import split_photos
 from retina.figures import learning_curves_figure, predictions_figure
 from retina.tracking import (
+    TAG_NODE,
     TAG_OUTCOME,
     TAG_PARENT,
     TAG_ROLE,
@@ -101,6 +104,10 @@ def _open_run(context: SweepContext, settings: TrialSettings, trial_id: str) -> 
         log.info("reattached to MLflow run %s", run_id)
     recorder = RunRecorder(client, run_id)
     recorder.log_params(settings.as_params())
+    # Where the trial ran: on a cluster, which node; resumed trials may move.
+    recorder.set_tags(
+        {TAG_NODE: ray.get_runtime_context().get_node_id(), "retina.host": socket.gethostname()}
+    )
     return recorder
 
 
