@@ -19,7 +19,6 @@ from sklearn.metrics import classification_report, roc_auc_score
 import mlflow
 from retina.config import TrialSettings
 from retina.data.dataset import FundusDataset
-from retina.data.splits import split_photos
 from retina.errors import TrackingError
 from retina.figures import predictions_figure
 from retina.metrics import VesselHistograms, scores_at_threshold
@@ -53,13 +52,8 @@ def load_final_model(tracking_uri: str, run_id: str) -> torch.nn.Module:
 
 
 def test_split_names(dataset: FundusDataset, settings: TrialSettings) -> list[str]:
-    split = split_photos(
-        dataset.names,
-        settings.split_seed,
-        settings.train_fraction,
-        settings.val_fraction,
-        categories=dataset.categories if settings.stratify else None,
-        official_splits=dataset.official_splits,
+    split = dataset.split(
+        settings.split_seed, settings.train_fraction, settings.val_fraction, settings.stratify
     )
     return list(split.test)
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from retina.data.images import read_grey, read_photo, resize_binary, resize_photo
 from retina.data.layouts import FundusCase, find_cases
+from retina.data.splits import Split, split_photos
 from retina.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,20 @@ class FundusDataset:
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def split(
+        self, seed: int, train_fraction: float, val_fraction: float, stratify: bool = True
+    ) -> Split:
+        """The seeded split of this dataset's photos; stratified where categories exist."""
+        stratified = stratify and all(category is not None for category in self.categories)
+        return split_photos(
+            self.names,
+            seed,
+            train_fraction,
+            val_fraction,
+            categories=self.categories if stratified else None,
+            official_splits=self.official_splits,
+        )
 
     def index_of(self, names: list[str] | tuple[str, ...]) -> list[int]:
         position = {name: i for i, name in enumerate(self.names)}

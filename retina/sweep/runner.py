@@ -191,6 +191,14 @@ def _open_parent_run(request: SweepRequest, dataset: FundusDataset) -> tuple[str
     return client, experiment_id, run.info.run_id
 
 
+def check_splits(spec: SweepSpec, dataset: FundusDataset) -> None:
+    """Split the data for every split seed of the sweep now, not in a failing trial."""
+    fixed = TrialSettings.model_validate(spec.fixed)
+    seeds = spec.search.get("split_seed", [fixed.split_seed])
+    for seed in seeds if isinstance(seeds, list) else [fixed.split_seed]:
+        dataset.split(seed, fixed.train_fraction, fixed.val_fraction, fixed.stratify)
+
+
 def run_sweep(request: SweepRequest, dataset: FundusDataset) -> SweepOutcome:
     """Run every trial of the sweep; the MLflow store ends with no run left RUNNING."""
     resources = request.spec.resources
@@ -200,6 +208,7 @@ def run_sweep(request: SweepRequest, dataset: FundusDataset) -> SweepOutcome:
     )
     max_concurrent = request.max_concurrent or resources.max_concurrent
 
+    check_splits(request.spec, dataset)
     start_ray(request.address)
     check_cluster_storage(request)
     client, experiment_id, parent_run_id = _open_parent_run(request, dataset)

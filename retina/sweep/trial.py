@@ -19,7 +19,6 @@ from ray import tune
 
 from retina.config import TrialSettings
 from retina.data.dataset import FundusDataset
-from retina.data.splits import split_photos
 from retina.figures import learning_curves_figure, predictions_figure
 from retina.tracking import (
     TAG_NODE,
@@ -74,13 +73,8 @@ def split_tensors(
     dataset: FundusDataset, settings: TrialSettings, device: torch.device
 ) -> tuple[PhotoTensors, PhotoTensors]:
     """The trial's train and validation photos on its device; the test photos stay unread."""
-    split = split_photos(
-        dataset.names,
-        settings.split_seed,
-        settings.train_fraction,
-        settings.val_fraction,
-        categories=dataset.categories if settings.stratify else None,
-        official_splits=dataset.official_splits,
+    split = dataset.split(
+        settings.split_seed, settings.train_fraction, settings.val_fraction, settings.stratify
     )
     return (
         PhotoTensors.from_dataset(dataset, dataset.index_of(split.train), device),
