@@ -113,6 +113,9 @@ def sweep(
     gpus_per_trial: Annotated[
         float | None, typer.Option(help="GPUs per trial; fractions share a GPU.")
     ] = None,
+    workers_per_trial: Annotated[
+        int | None, typer.Option(help="Data-parallel (DDP) workers per trial.")
+    ] = None,
     storage: Annotated[
         str,
         typer.Option(
@@ -145,6 +148,7 @@ def sweep(
             max_concurrent=max_concurrent,
             cpus_per_trial=cpus_per_trial,
             gpus_per_trial=gpus_per_trial,
+            workers_per_trial=workers_per_trial,
         )
         if existing_sweep(request) and not resume:
             raise RetinaError(
@@ -205,6 +209,17 @@ def best(
         bool, typer.Option("--evaluate", help="Score the chosen configuration on test photos.")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    register: Annotated[
+        str | None,
+        typer.Option(
+            "--register",
+            metavar="NAME",
+            help="With --evaluate: register the evaluated run with the best validation "
+            "metric as a new version of model NAME (e.g. retina-vessels, what `retina "
+            "predict` uses) and point the alias 'champion' at it.",
+            show_default=False,
+        ),
+    ] = None,
     data_dir: DataDirOption = None,
     tracking_uri: TrackingOption = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -213,15 +228,20 @@ def best(
     _setup_logging(verbose)
     if not metric.startswith(("best_val_", "val_")):
         _fail(RetinaError(f"--metric {metric}: choose a validation metric (best_val_*)"))
+    if register is not None and not evaluate:
+        _fail(
+            RetinaError("--register NAME needs --evaluate: a champion comes with its test report")
+        )
     try:
-        result = _best(experiment, metric, top, evaluate, data_dir, _tracking_uri(tracking_uri))
+        uri = _tracking_uri(tracking_uri)
+        result = _best(experiment, metric, top, evaluate, register, data_dir, uri)
     except RetinaError as error:
         _fail(error)
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
 
 
-def _best(experiment, metric, top, evaluate, data_dir, uri) -> dict:
+def _best(experiment, metric, top, evaluate, register, data_dir, uri) -> dict:
     from retina.evaluation import evaluate_run, record_evaluation
     from retina.selection import (
         choose_configuration,
@@ -290,7 +310,35 @@ def _best(experiment, metric, top, evaluate, data_dir, uri) -> dict:
     result["strategies"] = _strategy_summary(chosen.evaluable_runs, evaluations)
     if not quiet:
         _print_strategies(result["strategies"])
+    if register is not None:
+        result["champion"] = _register_champion(
+            register, chosen.evaluable_runs, evaluations, experiment, metric, uri
+        )
     return result
+
+
+def _register_champion(name, records, evaluations, experiment, metric, uri) -> dict:
+    """Register the evaluated run with the best validation metric as the champion."""
+    from retina.evaluation import choose_champion, register_champion
+    from retina.prediction import CHAMPION_ALIAS
+
+    record = choose_champion([r for r in records if r.run_id in evaluations], metric)
+    version = register_champion(uri, name, record, evaluations[record.run_id], experiment, metric)
+    if "--json" not in sys.argv:
+        console.print(
+            f"registered [bold]{record.name}[/] (run {record.run_id}, {metric} "
+            f"{record.metrics.get(metric, float('nan')):.4f}) as model [bold]{name}[/] version "
+            f"{version.version}, alias @{CHAMPION_ALIAS}; "
+            f"next: [bold]retina predict PHOTOS --model {name}[/]"
+        )
+    return {
+        "name": name,
+        "version": version.version,
+        "alias": CHAMPION_ALIAS,
+        "run_id": record.run_id,
+        "run_name": record.name,
+        metric: record.metrics.get(metric),
+    }
 
 
 def _strategy_summary(records, evaluations) -> dict:
@@ -354,6 +402,84 @@ def _print_strategies(summary: dict) -> None:
         ]
         table.add_row(strategy, str(values["runs"]), *cells)
     console.print(table)
+
+
+@app.command()
+def predict(
+    images: Annotated[
+        list[Path], typer.Argument(help="Fundus photos, or folders of them, of any size.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the outputs.")],
+    run: Annotated[
+        str | None,
+        typer.Option("--run", metavar="RUN_ID", help="Use this run's final model."),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            metavar="NAME[@ALIAS]",
+            help="Use a registered model: NAME@ALIAS, NAME/VERSION, or NAME for its "
+            "champion. Default: retina-vessels@champion (see `retina best --register`).",
+            show_default=False,
+        ),
+    ] = None,
+    masks: Annotated[
+        Path | None,
+        typer.Option(
+            "--masks",
+            metavar="DIR",
+            help="Field-of-view masks, paired by stem (<stem> or HRF's <stem>_mask). "
+            "Default: estimated from each photo.",
+            show_default=False,
+        ),
+    ] = None,
+    tracking_uri: TrackingOption = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Segment photos: a probability map, a vessel mask and an overlay per photo.
+
+    Each photo is preprocessed as in training, predicted, and the probabilities resized
+    back to its size and thresholded at the run's validation threshold.
+    """
+    _setup_logging(verbose)
+    try:
+        from retina.prediction import find_photos, load_vessel_model, predict_photos
+
+        photos = find_photos(images)
+        uri = _tracking_uri(tracking_uri)
+        vessel_model = load_vessel_model(uri, run_id=run, model=model)
+        columns = (TextColumn("segmenting photos"), BarColumn(), MofNCompleteColumn())
+        with Progress(*columns, TimeElapsedColumn(), console=errors, transient=True) as progress:
+            task = progress.add_task("predict", total=len(photos))
+            predictions = predict_photos(
+                vessel_model,
+                photos,
+                out,
+                masks_dir=masks,
+                on_photo_done=lambda done, total: progress.update(task, completed=done),
+            )
+    except RetinaError as error:
+        _fail(error)
+
+    s = vessel_model.settings
+    console.print(
+        f"model {vessel_model.source} (run {vessel_model.run_id}): photos resized to "
+        f"{s.resolution}x{s.resolution}, vessels at probability >= {vessel_model.threshold:.3f}",
+        highlight=False,
+    )
+    table = Table(title=f"{len(predictions)} photos segmented", title_justify="left")
+    for column in ("photo", "size", "field of view", "vessels in FOV"):
+        table.add_column(column)
+    for prediction in predictions:
+        table.add_row(
+            prediction.photo.name,
+            f"{prediction.width}x{prediction.height}",
+            Path(prediction.field_of_view_source).name,
+            f"{prediction.vessel_fraction:.1%}",
+        )
+    console.print(table)
+    console.print(f"wrote <stem>_probability.png, _vessels.png and _overlay.png to {out}")
 
 
 @app.command()

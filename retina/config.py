@@ -140,6 +140,9 @@ class Resources(BaseModel):
     max_concurrent: Annotated[int, Field(ge=0)] = 0  # 0: as many as resources allow
     cpus_per_trial: Annotated[float, Field(gt=0)] = 1
     gpus_per_trial: Annotated[float, Field(ge=0)] = 0
+    # Data-parallel workers per trial (PyTorch DDP); more than 1 GPU per trial implies
+    # one worker per GPU.
+    workers_per_trial: Annotated[int, Field(ge=1)] = 1
 
 
 class SweepSpec(BaseModel):

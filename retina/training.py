@@ -32,6 +32,42 @@ class DivergedError(RuntimeError):
     """The training loss became NaN or infinite: the trial cannot recover."""
 
 
+@dataclass(frozen=True)
+class DataParallel:
+    """This process's place among the workers that train one trial together.
+
+    With one worker (the default) every method is the identity. With several, each
+    worker trains on its shard of every epoch's seeded order while DDP averages the
+    gradients, and validation histograms are summed over workers, so every worker sees
+    the scores of the whole validation split and takes the same early-stopping decision.
+    """
+
+    rank: int = 0
+    world: int = 1
+
+    def shard(self, order: torch.Tensor) -> torch.Tensor:
+        """This worker's part of an epoch's order; shards are padded to equal length,
+        so that every worker takes the same number of steps (DDP needs that)."""
+        if self.world == 1:
+            return order
+        per_worker = -(-len(order) // self.world)
+        padded = order.repeat(-(-per_worker * self.world // len(order)))[: per_worker * self.world]
+        return padded[self.rank :: self.world]
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        if self.world == 1:
+            return model
+        return nn.parallel.DistributedDataParallel(model)
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            torch.distributed.all_reduce(tensor)
+        return tensor
+
+
+SINGLE_PROCESS = DataParallel()
+
+
 @dataclass
 class PhotoTensors:
     """Photos scaled to [0, 1], vessel labels and field-of-view masks on one device."""
@@ -62,6 +98,19 @@ class PhotoTensors:
             torch.cat([self.vessels, other.vessels]),
             torch.cat([self.fields_of_view, other.fields_of_view]),
         )
+
+
+def split_tensors(
+    dataset: FundusDataset, settings: TrialSettings, device: torch.device
+) -> tuple[PhotoTensors, PhotoTensors]:
+    """The trial's train and validation photos on its device; the test photos stay unread."""
+    split = dataset.split(
+        settings.split_seed, settings.train_fraction, settings.val_fraction, settings.stratify
+    )
+    return (
+        PhotoTensors.from_dataset(dataset, dataset.index_of(split.train), device),
+        PhotoTensors.from_dataset(dataset, dataset.index_of(split.val), device),
+    )
 
 
 class BatchAugmenter:
@@ -134,20 +183,24 @@ def train_one_epoch(
     lr_schedule: torch.optim.lr_scheduler.LRScheduler,
     augmenter: BatchAugmenter,
     settings: TrialSettings,
+    parallel: DataParallel = SINGLE_PROCESS,
 ) -> float:
     """One pass over ``data`` in a seeded random order; returns the mean loss."""
     model.train()
     device = data.photos.device
-    order = torch.randperm(len(data), generator=augmenter.generator).to(device)
+    order = torch.randperm(len(data), generator=augmenter.generator)
+    order = parallel.shard(order).to(device)
     total, seen = 0.0, 0
-    for start in range(0, len(data), settings.batch_size):
+    for start in range(0, len(order), settings.batch_size):
         batch = order[start : start + settings.batch_size]
         photos, vessels = augmenter(data.photos[batch], data.vessels[batch])
         if device.type == "cuda" and settings.channels_last:
             photos = photos.contiguous(memory_format=torch.channels_last)
         with _autocast(device, settings):
             loss = loss_fn(model(photos), vessels)
-        if not torch.isfinite(loss):
+        # Summed over workers, so that all of them stop together when one diverges.
+        diverged = parallel.sum((~torch.isfinite(loss.detach())).double().reshape(1))
+        if diverged.item():
             raise DivergedError(f"training loss became {loss.item()} at batch {start}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -155,7 +208,8 @@ def train_one_epoch(
         lr_schedule.step()
         total += loss.item() * len(batch)
         seen += len(batch)
-    return total / seen
+    both = parallel.sum(torch.tensor([total, float(seen)], dtype=torch.float64, device=device))
+    return float(both[0] / both[1])
 
 
 @torch.no_grad()
@@ -176,27 +230,34 @@ def predict_probabilities(
 class Evaluation:
     loss: float
     histograms: VesselHistograms
-    probabilities: torch.Tensor
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, data: PhotoTensors, loss_fn: nn.Module, settings: TrialSettings
+    model: nn.Module,
+    data: PhotoTensors,
+    loss_fn: nn.Module,
+    settings: TrialSettings,
+    parallel: DataParallel = SINGLE_PROCESS,
 ) -> Evaluation:
-    """Loss and probability histograms of a model on a split part."""
+    """Loss and probability histograms of a model on a split part (all workers' shards)."""
     model.eval()
-    histograms = VesselHistograms.empty(data.photos.device)
-    losses, probabilities = [], []
-    for start in range(0, len(data), settings.batch_size):
-        part = slice(start, start + settings.batch_size)
-        with _autocast(data.photos.device, settings):
+    device = data.photos.device
+    histograms = VesselHistograms.empty(device)
+    shard = torch.arange(len(data))[parallel.rank :: parallel.world].to(device)
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # loss * photos, photos
+    for start in range(0, len(shard), settings.batch_size):
+        part = shard[start : start + settings.batch_size]
+        with _autocast(device, settings):
             logits = model(data.photos[part])
         logits = logits.float()
-        losses.append(loss_fn(logits, data.vessels[part]).item() * logits.shape[0])
-        probability = torch.sigmoid(logits)
-        histograms.add(probability, data.vessels[part], data.fields_of_view[part])
-        probabilities.append(probability)
-    return Evaluation(sum(losses) / len(data), histograms, torch.cat(probabilities))
+        loss_sum[0] += loss_fn(logits, data.vessels[part]).item() * len(part)
+        loss_sum[1] += len(part)
+        histograms.add(torch.sigmoid(logits), data.vessels[part], data.fields_of_view[part])
+    for counts in (*histograms.vessel.values(), *histograms.background.values()):
+        parallel.sum(counts)
+    parallel.sum(loss_sum)
+    return Evaluation(float(loss_sum[0] / loss_sum[1]), histograms)
 
 
 def validation_metrics(evaluation: Evaluation) -> dict[str, float]:
@@ -229,9 +290,14 @@ class PhaseOneProgress:
 
 @dataclass
 class TrainingRun:
-    """The live objects of a training phase, with a checkpointable state."""
+    """The live objects of a training phase, with a checkpointable state.
+
+    ``network`` is what training calls: the model itself, or its DDP wrapper when
+    several workers train the trial together; ``model`` is always the bare U-Net.
+    """
 
     model: nn.Module
+    network: nn.Module
     optimizer: torch.optim.Optimizer
     lr_schedule: torch.optim.lr_scheduler.LRScheduler
     augmenter: BatchAugmenter
@@ -242,20 +308,26 @@ class TrainingRun:
         settings: TrialSettings,
         device: torch.device,
         epochs: int,
-        steps_per_epoch: int,
+        photos: int,
+        parallel: DataParallel = SINGLE_PROCESS,
         learning_rate: float | None = None,
         weights: dict[str, torch.Tensor] | None = None,
         constant_lr: bool = False,
+        augmentation_seed: int | None = None,
     ) -> "TrainingRun":
+        """Build model, optimizer and schedule for ``epochs`` passes over ``photos``."""
         model = prepare_model(settings, device)
         if weights is not None:
             model.load_state_dict(weights)
         optimizer = build_optimizer(settings, model.parameters(), learning_rate)
         schedule_settings = settings.model_copy(update={"lr_schedule": "constant"})
+        steps_per_epoch = math.ceil(math.ceil(photos / parallel.world) / settings.batch_size)
         lr_schedule = build_lr_schedule(
             schedule_settings if constant_lr else settings, optimizer, epochs, steps_per_epoch
         )
-        return cls(model, optimizer, lr_schedule, BatchAugmenter(settings, settings.seed))
+        seed = settings.seed if augmentation_seed is None else augmentation_seed
+        augmenter = BatchAugmenter(settings, seed)
+        return cls(model, parallel.wrap(model), optimizer, lr_schedule, augmenter)
 
     def state(self) -> dict:
         return {
@@ -275,6 +347,24 @@ class TrainingRun:
     def learning_rate(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    def train_epoch(
+        self,
+        data: PhotoTensors,
+        loss_fn: nn.Module,
+        settings: TrialSettings,
+        parallel: DataParallel,
+    ) -> float:
+        return train_one_epoch(
+            self.network,
+            data,
+            loss_fn,
+            self.optimizer,
+            self.lr_schedule,
+            self.augmenter,
+            settings,
+            parallel,
+        )
+
 
 EpochCallback = Callable[[dict[str, float], PhaseOneProgress, TrainingRun], None]
 
@@ -286,6 +376,7 @@ def run_phase_one(
     device: torch.device,
     on_epoch: EpochCallback,
     resume_from: tuple[PhaseOneProgress, dict] | None = None,
+    parallel: DataParallel = SINGLE_PROCESS,
 ) -> PhaseOneProgress:
     """Train on the train split, validate each epoch, keep the best weights by val F1.
 
@@ -293,8 +384,7 @@ def run_phase_one(
     pass without a better validation F1.
     """
     loss_fn = build_loss(settings)
-    steps = math.ceil(len(train) / settings.batch_size)
-    run = TrainingRun.start(settings, device, settings.epochs, steps)
+    run = TrainingRun.start(settings, device, settings.epochs, len(train), parallel)
     progress = PhaseOneProgress()
     if resume_from is not None:
         progress, run_state = resume_from
@@ -307,10 +397,8 @@ def run_phase_one(
             break
         started = time.perf_counter()
         lr = run.learning_rate
-        train_loss = train_one_epoch(
-            run.model, train, loss_fn, run.optimizer, run.lr_schedule, run.augmenter, settings
-        )
-        evaluation = evaluate(run.model, val, loss_fn, settings)
+        train_loss = run.train_epoch(train, loss_fn, settings, parallel)
+        evaluation = evaluate(run.model, val, loss_fn, settings, parallel)
         progress.epochs_done += 1
         metrics = {"train_loss": train_loss, "learning_rate": lr, **validation_metrics(evaluation)}
         metrics["epoch_seconds"] = time.perf_counter() - started
@@ -334,6 +422,7 @@ def run_final_training(
     device: torch.device,
     progress: PhaseOneProgress,
     on_epoch: Callable[[int, float], None] = lambda epoch, loss: None,
+    parallel: DataParallel = SINGLE_PROCESS,
 ) -> nn.Module:
     """Phase 2: produce the final model by the settings' final-training strategy."""
     if settings.strategy == "none":
@@ -341,11 +430,13 @@ def run_final_training(
         model.load_state_dict(progress.best_weights)
         return model
 
+    # A fresh seed for phase 2's augmentation, so retraining does not replay phase 1.
+    phase_two_seed = settings.seed + 1
     if settings.strategy == "retrain":
         data = train.join(val)
         epochs = max(1, progress.best_epoch)
         run = TrainingRun.start(
-            settings, device, epochs, math.ceil(len(data) / settings.batch_size)
+            settings, device, epochs, len(data), parallel, augmentation_seed=phase_two_seed
         )
     else:
         data = val
@@ -354,17 +445,14 @@ def run_final_training(
             settings,
             device,
             epochs,
-            math.ceil(len(data) / settings.batch_size),
+            len(data),
+            parallel,
             learning_rate=settings.learning_rate * settings.finetune_lr_factor,
             weights=copy.deepcopy(progress.best_weights),
             constant_lr=True,
+            augmentation_seed=phase_two_seed,
         )
-    # A fresh seed for phase 2's augmentation, so retraining does not replay phase 1.
-    run.augmenter = BatchAugmenter(settings, settings.seed + 1)
     loss_fn = build_loss(settings)
     for epoch in range(1, epochs + 1):
-        loss = train_one_epoch(
-            run.model, data, loss_fn, run.optimizer, run.lr_schedule, run.augmenter, settings
-        )
-        on_epoch(epoch, loss)
+        on_epoch(epoch, run.train_epoch(data, loss_fn, settings, parallel))
     return run.model

@@ -5,8 +5,7 @@ import torch
 
 from retina.config import TrialSettings
 from retina.data.dataset import load_dataset
-from retina.sweep.trial import split_tensors
-from retina.training import DivergedError, run_final_training, run_phase_one
+from retina.training import DivergedError, run_final_training, run_phase_one, split_tensors
 
 SMALL = dict(resolution=64, channels=(8, 16, 32), residual_units=1, epochs=3, patience=0)
 

@@ -6,6 +6,7 @@ every trial through Ray's object store, so trials on any node read the same arra
 """
 
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -51,6 +52,7 @@ class SweepRequest:
     max_concurrent: int | None = None
     cpus_per_trial: float | None = None
     gpus_per_trial: float | None = None
+    workers_per_trial: int | None = None
 
     @property
     def sweep_path(self) -> str:
@@ -191,6 +193,14 @@ def _open_parent_run(request: SweepRequest, dataset: FundusDataset) -> tuple[str
     return client, experiment_id, run.info.run_id
 
 
+def _trial_resources(cpus: float, gpus: float, workers: int):
+    """One bundle per data-parallel worker; the trial's own process is the first."""
+    if workers == 1:
+        return {"cpu": cpus, "gpu": gpus}
+    bundle = {"CPU": cpus} | ({"GPU": gpus / workers} if gpus else {})
+    return tune.PlacementGroupFactory([bundle] * workers)
+
+
 def check_splits(spec: SweepSpec, dataset: FundusDataset) -> None:
     """Split the data for every split seed of the sweep now, not in a failing trial."""
     fixed = TrialSettings.model_validate(spec.fixed)
@@ -207,18 +217,23 @@ def run_sweep(request: SweepRequest, dataset: FundusDataset) -> SweepOutcome:
         request.gpus_per_trial if request.gpus_per_trial is not None else resources.gpus_per_trial
     )
     max_concurrent = request.max_concurrent or resources.max_concurrent
+    workers = request.workers_per_trial or resources.workers_per_trial
+    if gpus > 1:
+        workers = max(workers, math.ceil(gpus))
 
     check_splits(request.spec, dataset)
     start_ray(request.address)
     check_cluster_storage(request)
     client, experiment_id, parent_run_id = _open_parent_run(request, dataset)
-    context = SweepContext(request.tracking_uri, experiment_id, parent_run_id, cpus)
+    context = SweepContext(
+        request.tracking_uri, experiment_id, parent_run_id, cpus, workers, gpus / workers
+    )
     finisher = RunFinisher(request.tracking_uri, experiment_id)
     progress_log = ProgressLog()
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, context=context, dataset=dataset),
-        {"cpu": cpus, "gpu": gpus},
+        _trial_resources(cpus, gpus, workers),
     )
     if request.resume and tune.Tuner.can_restore(request.sweep_path):
         log.info("resuming the sweep stored in %s", request.sweep_path)

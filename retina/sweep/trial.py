@@ -20,6 +20,12 @@ from ray import tune
 from retina.config import TrialSettings
 from retina.data.dataset import FundusDataset
 from retina.figures import learning_curves_figure, predictions_figure
+from retina.sweep.data_parallel import (
+    join_process_group,
+    rendezvous_address,
+    start_shard_workers,
+    worker_device,
+)
 from retina.tracking import (
     TAG_NODE,
     TAG_OUTCOME,
@@ -32,6 +38,8 @@ from retina.tracking import (
     log_torch_model,
 )
 from retina.training import (
+    SINGLE_PROCESS,
+    DataParallel,
     DivergedError,
     PhaseOneProgress,
     PhotoTensors,
@@ -39,6 +47,7 @@ from retina.training import (
     predict_probabilities,
     run_final_training,
     run_phase_one,
+    split_tensors,
 )
 
 log = logging.getLogger(__name__)
@@ -56,30 +65,9 @@ class SweepContext:
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
-    cpus_per_trial: float
-
-
-def choose_device() -> torch.device:
-    """The trial's GPU when Ray gave it one, else the CPU."""
-    if (
-        torch.cuda.is_available()
-        and tune.get_context().get_trial_resources().required_resources.get("GPU", 0)
-    ):
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def split_tensors(
-    dataset: FundusDataset, settings: TrialSettings, device: torch.device
-) -> tuple[PhotoTensors, PhotoTensors]:
-    """The trial's train and validation photos on its device; the test photos stay unread."""
-    split = dataset.split(
-        settings.split_seed, settings.train_fraction, settings.val_fraction, settings.stratify
-    )
-    return (
-        PhotoTensors.from_dataset(dataset, dataset.index_of(split.train), device),
-        PhotoTensors.from_dataset(dataset, dataset.index_of(split.val), device),
-    )
+    cpus_per_trial: float  # per worker, when a trial has several
+    workers_per_trial: int = 1
+    gpus_per_worker: float = 0
 
 
 def _open_run(context: SweepContext, settings: TrialSettings, trial_id: str) -> RunRecorder:
@@ -118,7 +106,7 @@ def run_trial(config: dict, context: SweepContext, dataset: FundusDataset) -> No
     """Train one configuration; the Ray Tune function trainable."""
     settings = TrialSettings.model_validate(config)
     torch.set_num_threads(max(1, int(context.cpus_per_trial)))
-    device = choose_device()
+    device = worker_device()
     trial_id = tune.get_context().get_trial_id()
     recorder = _open_run(context, settings, trial_id)
     log.info("trial %s (%s) on %s, run %s", trial_id, settings.run_name(), device, recorder.run_id)
@@ -131,8 +119,22 @@ def run_trial(config: dict, context: SweepContext, dataset: FundusDataset) -> No
         return
 
     try:
+        resume_from = _restore()
+        parallel, shard_workers = SINGLE_PROCESS, []
+        if context.workers_per_trial > 1:
+            address = rendezvous_address()
+            shard_workers = start_shard_workers(
+                context.workers_per_trial,
+                address,
+                config,
+                context.cpus_per_trial,
+                context.gpus_per_worker,
+                dataset,
+                resume_from,
+            )
+            parallel = join_process_group(0, context.workers_per_trial, address, device)
         train, val = split_tensors(dataset, settings, device)
-        progress = _phase_one(settings, train, val, device, recorder)
+        progress = _phase_one(settings, train, val, device, recorder, resume_from, parallel)
         _log_phase_one_figures(settings, val, device, progress, recorder)
         model = run_final_training(
             settings,
@@ -141,7 +143,9 @@ def run_trial(config: dict, context: SweepContext, dataset: FundusDataset) -> No
             device,
             progress,
             on_epoch=lambda epoch, loss: recorder.log_metrics({"final_train_loss": loss}, epoch),
+            parallel=parallel,
         )
+        ray.get(shard_workers)
         example = train.photos[:1].detach().float().cpu()
         log_torch_model(context.tracking_uri, recorder.run_id, model, example)
     except DivergedError as error:
@@ -171,6 +175,8 @@ def _phase_one(
     val: PhotoTensors,
     device: torch.device,
     recorder: RunRecorder,
+    resume_from: tuple[PhaseOneProgress, dict] | None,
+    parallel: DataParallel,
 ) -> PhaseOneProgress:
     """Phase 1 with a Tune report, MLflow metrics and a checkpoint after every epoch."""
 
@@ -195,7 +201,7 @@ def _phase_one(
                 checkpoint=tune.Checkpoint.from_directory(folder),
             )
 
-    return run_phase_one(settings, train, val, device, on_epoch, resume_from=_restore())
+    return run_phase_one(settings, train, val, device, on_epoch, resume_from, parallel)
 
 
 def _log_phase_one_figures(
