@@ -64,6 +64,8 @@ def _setup_logging(verbose: bool) -> None:
         force=True,
     )
     logging.getLogger("retina").setLevel(logging.DEBUG if verbose else logging.INFO)
+    # MLflow announces each store it sets up; that is not news to the user.
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 def _fail(error: Exception) -> None:
@@ -169,7 +171,7 @@ def sweep(
             resolution,
             request.tracking_uri,
         )
-        outcome = run_sweep(request, dataset)
+        outcome = run_sweep(request, dataset, errors)
     except RetinaError as error:
         _fail(error)
     _print_sweep_summary(request.experiment, outcome, request.tracking_uri)

@@ -7,11 +7,14 @@ end. ``ProgressLog`` keeps a compact table of every trial for the console.
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 from ray.tune.experiment import Trial
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
 
 from retina.config import TrialSettings
 from retina.tracking import find_trial_run, finish_if_running
@@ -63,33 +66,78 @@ def _score(value: float | None) -> str:
 @dataclass
 class TrialRow:
     name: str
+    trial_id: str = ""
     status: str = "PENDING"
     epoch: int = 0
     val_f1: float | None = None
     best_val_f1: float | None = None
     outcome: str = ""
     settings: TrialSettings | None = None
-    started: float = field(default_factory=time.monotonic)
 
 
-class ProgressLog(Callback):
-    """Logs trial starts and ends, and every half minute where each running trial is."""
+class SweepProgress(Callback):
+    """Shows where every trial is: a live table on a terminal, and log lines for trial
+    starts and ends (plus, off a terminal, a line every half minute on running trials)."""
 
-    def __init__(self, log_every_seconds: float = 30.0) -> None:
+    def __init__(self, console: Console | None = None, log_every_seconds: float = 30.0) -> None:
         self.rows: dict[str, TrialRow] = {}
         self.log_every_seconds = log_every_seconds
         self._last_log = 0.0
+        self.console = console if console is not None and console.is_terminal else None
+        self._live: Live | None = None
+
+    def __getstate__(self) -> dict:
+        # Tune pickles callbacks with the sweep's state; a live display does not pickle.
+        return {**self.__dict__, "console": None, "_live": None}
+
+    def table(self) -> Table:
+        table = Table(box=None, header_style="bold", pad_edge=False)
+        for column in ("trial", "optimizer", "lr", "split", "strategy", "status"):
+            table.add_column(column)
+        for column in ("epoch", "val F1", "best val F1"):
+            table.add_column(column, justify="right")
+        for row in self.rows.values():
+            settings = row.settings
+            table.add_row(
+                row.trial_id,
+                settings.optimizer,
+                f"{settings.learning_rate:.1e}",
+                str(settings.split_seed),
+                settings.strategy,
+                row.outcome or row.status.lower(),
+                str(row.epoch),
+                _score(row.val_f1),
+                _score(row.best_val_f1),
+            )
+        return table
+
+    def _refresh(self) -> None:
+        if self.console is None:
+            return
+        if self._live is None:
+            self._live = Live(self.table(), console=self.console, refresh_per_second=2)
+            self._live.start()
+        else:
+            self._live.update(self.table())
+
+    def on_experiment_end(self, trials: list[Trial], **info) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
 
     def _row(self, trial: Trial) -> TrialRow:
         if trial.trial_id not in self.rows:
             settings = TrialSettings.model_validate(trial.config)
-            self.rows[trial.trial_id] = TrialRow(settings.run_name(), settings=settings)
+            self.rows[trial.trial_id] = TrialRow(
+                settings.run_name(), trial_id=trial.trial_id, settings=settings
+            )
         return self.rows[trial.trial_id]
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         row = self._row(trial)
         row.status = "RUNNING"
         log.info("started %s", row.name)
+        self._refresh()
 
     def on_trial_result(
         self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info
@@ -103,7 +151,8 @@ class ProgressLog(Callback):
             row.status = "FINAL"
         row.best_val_f1 = result.get("best_val_f1", row.best_val_f1)
         row.outcome = result.get("outcome", row.outcome)
-        if time.monotonic() - self._last_log > self.log_every_seconds:
+        self._refresh()
+        if self.console is None and time.monotonic() - self._last_log > self.log_every_seconds:
             self._last_log = time.monotonic()
             running = [r for r in self.rows.values() if r.status == "RUNNING"]
             done = sum(r.status in ("DONE", "ERROR") for r in self.rows.values())
@@ -119,9 +168,11 @@ class ProgressLog(Callback):
         row.status = "DONE"
         row.outcome = row.outcome or "stopped_early"
         log.info("%s: %s, best val F1 %s", row.name, row.outcome, _score(row.best_val_f1))
+        self._refresh()
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         row = self._row(trial)
         row.status = "ERROR"
         row.outcome = "failed"
         log.warning("%s failed; see %s", row.name, trial.error_file)
+        self._refresh()

@@ -16,12 +16,13 @@ from pathlib import Path
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from rich.console import Console
 
 import retina
 from retina.config import LogUniform, SweepSpec, TrialSettings, Uniform
 from retina.data.dataset import FundusDataset
 from retina.errors import RetinaError, TrackingError
-from retina.sweep.monitor import ProgressLog, RunFinisher
+from retina.sweep.monitor import RunFinisher, SweepProgress
 from retina.sweep.trial import SCHEDULER_TIME, SweepContext, run_trial
 from retina.tracking import (
     TAG_FAILURE,
@@ -209,8 +210,13 @@ def check_splits(spec: SweepSpec, dataset: FundusDataset) -> None:
         dataset.split(seed, fixed.train_fraction, fixed.val_fraction, fixed.stratify)
 
 
-def run_sweep(request: SweepRequest, dataset: FundusDataset) -> SweepOutcome:
-    """Run every trial of the sweep; the MLflow store ends with no run left RUNNING."""
+def run_sweep(
+    request: SweepRequest, dataset: FundusDataset, console: Console | None = None
+) -> SweepOutcome:
+    """Run every trial of the sweep; the MLflow store ends with no run left RUNNING.
+
+    With a terminal ``console`` the trials are shown in a live table there.
+    """
     resources = request.spec.resources
     cpus = request.cpus_per_trial or resources.cpus_per_trial
     gpus = (
@@ -229,7 +235,7 @@ def run_sweep(request: SweepRequest, dataset: FundusDataset) -> SweepOutcome:
         request.tracking_uri, experiment_id, parent_run_id, cpus, workers, gpus / workers
     )
     finisher = RunFinisher(request.tracking_uri, experiment_id)
-    progress_log = ProgressLog()
+    progress = SweepProgress(console)
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, context=context, dataset=dataset),
@@ -260,7 +266,7 @@ def run_sweep(request: SweepRequest, dataset: FundusDataset) -> SweepOutcome:
                 storage_path=request.storage,
                 failure_config=tune.FailureConfig(max_failures=request.spec.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                callbacks=[finisher, progress_log],
+                callbacks=[finisher, progress],
                 verbose=0,
             ),
         )
