@@ -398,10 +398,13 @@ def run_phase_one(
         started = time.perf_counter()
         lr = run.learning_rate
         train_loss = run.train_epoch(train, loss_fn, settings, parallel)
+        training_seconds = time.perf_counter() - started
         evaluation = evaluate(run.model, val, loss_fn, settings, parallel)
         progress.epochs_done += 1
         metrics = {"train_loss": train_loss, "learning_rate": lr, **validation_metrics(evaluation)}
         metrics["epoch_seconds"] = time.perf_counter() - started
+        # Photos this worker trained on per second: the throughput a sweep pays for.
+        metrics["train_photos_per_second"] = len(train) / parallel.world / training_seconds
         if metrics["val_f1"] > progress.best_f1:
             progress.best_f1 = metrics["val_f1"]
             progress.best_epoch = progress.epochs_done

@@ -146,6 +146,9 @@ def run_trial(config: dict, context: SweepContext, dataset: FundusDataset) -> No
             parallel=parallel,
         )
         ray.get(shard_workers)
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device) / 2**20
+            recorder.log_metrics({"peak_gpu_memory_mb": peak})
         example = train.photos[:1].detach().float().cpu()
         log_torch_model(context.tracking_uri, recorder.run_id, model, example)
     except DivergedError as error:
