@@ -88,7 +88,7 @@ def test_interrupted_sweep_resumes_into_one_run_per_trial(tmp_path, hrf_dir, sto
     for run_id, (best, epochs) in before.items():
         run = client.get_run(run_id)
         assert run.data.metrics["best_val_f1"] == best
-        assert len(client.get_metric_history(run_id, "val_f1")) == epochs == 6
+        assert len(client.get_metric_history(run_id, "val_f1")) == epochs == 8
     sweeps = client.search_runs(
         [client.get_experiment_by_name("resumable").experiment_id],
         filter_string="tags.`retina.role` = 'sweep'",
