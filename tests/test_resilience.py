@@ -1,5 +1,6 @@
 """Nothing lost: interrupted sweeps resume into the same runs; failing trials are contained."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -112,3 +113,35 @@ def test_diverging_trial_fails_alone_with_its_reason(tmp_path, hrf_dir):
     assert runs["0.01"].info.status == "FINISHED"
     assert runs["0.01"].data.tags["retina.outcome"] == "finished"
     assert "failed" in result.stdout and "finished" in result.stdout
+
+
+def test_crashed_trial_is_retried_from_its_checkpoint_in_the_same_run(tmp_path, hrf_dir):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+    driver = subprocess.Popen(
+        _sweep_command("retried.yaml", hrf_dir, tmp_path),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+    def two_epochs_done() -> bool:
+        runs = _trial_runs(client, "retried")
+        return bool(runs) and len(client.get_metric_history(runs[0].info.run_id, "val_f1")) >= 2
+
+    _wait_until(two_epochs_done, 240, driver)
+    worker = int(_trial_runs(client, "retried")[0].data.tags["retina.pid"])
+    os.kill(worker, signal.SIGKILL)  # what the kernel does to a trial out of memory
+    _, stderr = driver.communicate(timeout=600)
+    assert driver.returncode == 0, stderr[-3000:]
+
+    runs = _trial_runs(client, "retried")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.tags["retina.outcome"] == "finished"
+    assert int(run.data.tags["retina.pid"]) != worker
+    history = client.get_metric_history(run.info.run_id, "val_f1")
+    assert {m.step for m in history} == set(range(1, 9))
+    # Resumed from its last checkpoint: at most the epoch under way when it died runs
+    # twice; a restart from scratch would log every epoch before the crash again.
+    assert len(history) <= 9

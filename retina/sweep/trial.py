@@ -7,6 +7,7 @@ so that a resumed or retried trial carries on in the same run.
 """
 
 import logging
+import os
 import socket
 import tempfile
 import traceback
@@ -88,7 +89,11 @@ def _open_run(context: SweepContext, settings: TrialSettings, trial_id: str) -> 
     recorder.log_params(settings.as_params())
     # Where the trial ran: on a cluster, which node; resumed trials may move.
     recorder.set_tags(
-        {TAG_NODE: ray.get_runtime_context().get_node_id(), "retina.host": socket.gethostname()}
+        {
+            TAG_NODE: ray.get_runtime_context().get_node_id(),
+            "retina.host": socket.gethostname(),
+            "retina.pid": str(os.getpid()),
+        }
     )
     return recorder
 
