@@ -16,8 +16,8 @@ from retina.errors import SweepFileError
 
 Optimizer = Literal["sgd", "rmsprop", "adam", "adamw", "nadam", "radam", "adamax"]
 FinalStrategy = Literal["retrain", "finetune", "none"]
-Loss = Literal["dice_ce", "dice", "bce"]
-LearningRateSchedule = Literal["constant", "cosine", "onecycle"]
+Loss = Literal["dice_ce", "dice", "bce", "dice_focal", "tversky"]
+LearningRateSchedule = Literal["constant", "cosine", "cosine_warmup", "onecycle", "plateau"]
 
 
 class TrialSettings(BaseModel):
@@ -54,6 +54,9 @@ class TrialSettings(BaseModel):
     rotations: bool = True  # multiples of 90 degrees
     brightness: Annotated[float, Field(ge=0, lt=1)] = 0.1
     contrast: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    rotation_degrees: Annotated[float, Field(ge=0, le=180)] = 0.0  # small rotations, +/-
+    scaling: Annotated[float, Field(ge=0, lt=1)] = 0.0  # zoom by a factor in 1 +/- scaling
+    gamma: Annotated[float, Field(ge=0, lt=1)] = 0.0  # intensity gamma in 1 +/- gamma
 
     # Phase 2: the final-training strategy.
     strategy: FinalStrategy = "retrain"

@@ -23,7 +23,13 @@ from torch import nn
 from retina.config import TrialSettings
 from retina.data.dataset import FundusDataset
 from retina.metrics import VesselHistograms, best_f1_threshold, scores_at_threshold
-from retina.model import build_loss, build_lr_schedule, build_optimizer, build_unet
+from retina.model import (
+    build_loss,
+    build_lr_schedule,
+    build_optimizer,
+    build_plateau_schedule,
+    build_unet,
+)
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +150,11 @@ class BatchAugmenter:
             vessels = torch.stack(
                 [v.rot90(k, (-2, -1)) for v, k in zip(vessels, turns, strict=True)]
             )
+        if settings.rotation_degrees or settings.scaling:
+            photos, vessels = self._rotate_and_scale(photos, vessels)
+        if settings.gamma:
+            exponent = 1 + settings.gamma * (2 * self._draw(count) - 1)
+            photos = photos.clamp(min=0).pow(exponent.to(device).view(count, 1, 1, 1))
         if settings.brightness or settings.contrast:
             shape = (count, 1, 1, 1)
             gain = 1 + settings.contrast * (2 * self._draw(count) - 1)
@@ -152,6 +163,24 @@ class BatchAugmenter:
             photos = (photos - mean) * gain.to(device).view(shape) + mean
             photos = (photos + offset.to(device).view(shape)).clamp(0, 1)
         return photos, vessels
+
+    def _rotate_and_scale(
+        self, photos: torch.Tensor, vessels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Small random rotations and zooms about the centre, one per photo."""
+        count, device = photos.shape[0], photos.device
+        angle = torch.deg2rad(self.settings.rotation_degrees * (2 * self._draw(count) - 1))
+        zoom = 1 + self.settings.scaling * (2 * self._draw(count) - 1)
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        zeros = torch.zeros(count)
+        affine = torch.stack(
+            [torch.stack([cos, -sin, zeros], 1), torch.stack([sin, cos, zeros], 1)], 1
+        ).to(device)
+        grid = torch.nn.functional.affine_grid(affine, list(photos.shape), align_corners=False)
+        photos = torch.nn.functional.grid_sample(photos, grid, align_corners=False)
+        # Labels are resampled like the photo, then made binary again at one half.
+        vessels = torch.nn.functional.grid_sample(vessels, grid, align_corners=False)
+        return photos, (vessels >= 0.5).float()
 
     def state(self) -> torch.Tensor:
         return self.generator.get_state()
@@ -301,6 +330,7 @@ class TrainingRun:
     optimizer: torch.optim.Optimizer
     lr_schedule: torch.optim.lr_scheduler.LRScheduler
     augmenter: BatchAugmenter
+    plateau: torch.optim.lr_scheduler.ReduceLROnPlateau | None = None
 
     @classmethod
     def start(
@@ -327,7 +357,8 @@ class TrainingRun:
         )
         seed = settings.seed if augmentation_seed is None else augmentation_seed
         augmenter = BatchAugmenter(settings, seed)
-        return cls(model, parallel.wrap(model), optimizer, lr_schedule, augmenter)
+        plateau = None if constant_lr else build_plateau_schedule(settings, optimizer)
+        return cls(model, parallel.wrap(model), optimizer, lr_schedule, augmenter, plateau)
 
     def state(self) -> dict:
         return {
@@ -335,6 +366,7 @@ class TrainingRun:
             "optimizer": self.optimizer.state_dict(),
             "lr_schedule": self.lr_schedule.state_dict(),
             "augmenter": self.augmenter.state(),
+            "plateau": self.plateau.state_dict() if self.plateau else None,
         }
 
     def restore(self, state: dict) -> None:
@@ -342,6 +374,8 @@ class TrainingRun:
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.augmenter.restore(state["augmenter"])
+        if self.plateau is not None and state.get("plateau"):
+            self.plateau.load_state_dict(state["plateau"])
 
     @property
     def learning_rate(self) -> float:
@@ -402,6 +436,8 @@ def run_phase_one(
         evaluation = evaluate(run.model, val, loss_fn, settings, parallel)
         progress.epochs_done += 1
         metrics = {"train_loss": train_loss, "learning_rate": lr, **validation_metrics(evaluation)}
+        if run.plateau is not None:
+            run.plateau.step(metrics["val_f1"])
         metrics["epoch_seconds"] = time.perf_counter() - started
         # Photos this worker trained on per second: the throughput a sweep pays for.
         metrics["train_photos_per_second"] = len(train) / parallel.world / training_seconds

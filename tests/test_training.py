@@ -5,7 +5,14 @@ import torch
 
 from retina.config import TrialSettings
 from retina.data.dataset import load_dataset
-from retina.training import DivergedError, run_final_training, run_phase_one, split_tensors
+from retina.model import build_lr_schedule, build_optimizer, build_plateau_schedule
+from retina.training import (
+    BatchAugmenter,
+    DivergedError,
+    run_final_training,
+    run_phase_one,
+    split_tensors,
+)
 
 SMALL = dict(resolution=64, channels=(8, 16, 32), residual_units=1, epochs=3, patience=0)
 
@@ -52,3 +59,43 @@ def test_a_learning_rate_far_too_high_diverges(hrf_64):
     settings = TrialSettings(**SMALL, optimizer="sgd", learning_rate=10.0, lr_schedule="constant")
     with pytest.raises(DivergedError, match="loss became"):
         _phase_one(settings, hrf_64)
+
+
+@pytest.mark.parametrize("loss", ["dice_ce", "dice", "bce", "dice_focal", "tversky"])
+def test_every_loss_trains_to_a_finite_value(hrf_64, loss):
+    settings = TrialSettings(**{**SMALL, "epochs": 1}, loss=loss)
+    _, _, _, epochs = _phase_one(settings, hrf_64)
+    assert torch.isfinite(torch.tensor(epochs[0]["train_loss"]))
+
+
+def test_cosine_warmup_rises_then_falls():
+    settings = TrialSettings(lr_schedule="cosine_warmup", learning_rate=0.1)
+    optimizer = build_optimizer(settings, [torch.nn.Parameter(torch.zeros(1))])
+    schedule = build_lr_schedule(settings, optimizer, epochs=10, steps_per_epoch=10)
+    rates = []
+    for _ in range(100):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    peak = rates.index(max(rates))
+    assert 5 <= peak <= 12 and rates[0] < rates[peak] and rates[-1] < 0.01
+
+
+def test_plateau_halves_the_rate_after_five_stalled_epochs():
+    settings = TrialSettings(lr_schedule="plateau", learning_rate=0.1)
+    optimizer = build_optimizer(settings, [torch.nn.Parameter(torch.zeros(1))])
+    plateau = build_plateau_schedule(settings, optimizer)
+    for _ in range(7):
+        plateau.step(0.5)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_rotation_scaling_and_gamma_keep_labels_binary_and_are_seeded(hrf_64):
+    settings = TrialSettings(**SMALL, rotation_degrees=15, scaling=0.1, gamma=0.2)
+    train, _ = split_tensors(hrf_64, settings, torch.device("cpu"))
+    first = BatchAugmenter(settings, seed=3)(train.photos[:4], train.vessels[:4])
+    again = BatchAugmenter(settings, seed=3)(train.photos[:4], train.vessels[:4])
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert set(first[1].unique().tolist()) <= {0.0, 1.0}
+    assert first[0].min() >= 0 and first[0].max() <= 1
+    assert not torch.equal(first[0], train.photos[:4])
