@@ -10,11 +10,11 @@ import logging
 import os
 from pathlib import Path
 
+import mlflow
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-import mlflow
 from retina.errors import TrackingError
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,8 @@ def connect(uri: str) -> MlflowClient:
     """A client for ``uri``, checked to answer now, before any trial depends on it."""
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    if uri.startswith(("http://", "https://")):
+        _probe_server(uri)
     client = MlflowClient(tracking_uri=uri)
     try:
         client.search_experiments(max_results=1)
@@ -61,6 +63,22 @@ def connect(uri: str) -> MlflowClient:
         reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
         raise TrackingError(f"tracking store {uri} is unreachable: {reason}") from None
     return client
+
+
+def _probe_server(uri: str, timeout: float = 10.0) -> None:
+    """Fail at once on a server that does not answer; MLflow's own client would retry
+    with back-off for minutes before giving up."""
+    import requests
+
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=timeout)
+    except requests.RequestException as error:
+        reason = type(error).__name__
+        if isinstance(error, requests.ConnectionError):
+            reason = "connection refused or host unreachable"
+        elif isinstance(error, requests.Timeout):
+            reason = f"no answer within {timeout:.0f} s"
+        raise TrackingError(f"tracking store {uri} is unreachable: {reason}") from None
 
 
 def artifact_root(uri: str, experiment: str) -> str | None:

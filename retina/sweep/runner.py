@@ -276,6 +276,14 @@ def run_sweep(
     previous_sigterm = signal.signal(signal.SIGTERM, _interrupt_as_ctrl_c)
     try:
         tuner.fit()
+    except Exception as error:
+        # Tune itself gave up (e.g. Ray's memory monitor killed workers it still needed):
+        # the finished trials stay, the others can be resumed.
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        raise RetinaError(
+            f"sweep {request.experiment} stopped: {reason[:300]}; finished trials are kept, "
+            f"continue with: retina sweep {request.sweep_file} --resume"
+        ) from None
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
         # Tune returns normally after Ctrl-C; trials without an outcome tell it apart.
