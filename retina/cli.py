@@ -5,12 +5,15 @@ retina best --evaluate
 retina ui
 """
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -495,10 +498,7 @@ def ui(
     console.print(f"MLflow UI for {uri} at http://{host}:{port} (Ctrl-C stops it)")
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
     command += ["--host", host, "--port", str(port)]
-    try:
-        raise typer.Exit(subprocess.call(command))
-    except KeyboardInterrupt:
-        raise typer.Exit(0) from None
+    raise typer.Exit(_serve(command))
 
 
 @app.command()
@@ -528,10 +528,30 @@ def server(
     if allowed_hosts:
         command += ["--allowed-hosts", allowed_hosts]
     console.print(f"MLflow tracking server for {store} at http://{host}:{port} (Ctrl-C stops)")
-    try:
-        raise typer.Exit(subprocess.call(command))
-    except KeyboardInterrupt:
-        raise typer.Exit(0) from None
+    raise typer.Exit(_serve(command))
+
+
+def _serve(command: list[str]) -> int:
+    """Run an MLflow server until it ends, or until Ctrl-C or SIGTERM stop it and every
+    process it started (MLflow runs its web workers as children of its own)."""
+    server = subprocess.Popen(command, start_new_session=True)
+    stop_requested: list[float] = []
+
+    def request_stop(*_) -> None:
+        if not stop_requested:
+            stop_requested.append(time.monotonic())
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    # Poll rather than block in wait(), so the handlers above can always run.
+    while server.poll() is None:
+        time.sleep(0.2)
+        if stop_requested and time.monotonic() - stop_requested[0] > 10:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGKILL)
+    return 0 if stop_requested else server.returncode
 
 
 if __name__ == "__main__":
