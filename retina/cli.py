@@ -1,7 +1,9 @@
-"""The ``retina`` command line: sweep, choose and evaluate, and browse runs in MLflow.
+"""The ``retina`` command line: sweep, choose and evaluate, segment photos, report, browse.
 
 retina sweep sweeps/quick.yaml --data-dir PATH
-retina best --evaluate
+retina best --evaluate --register retina-vessels
+retina predict photos/ --out vessels/
+retina report
 retina ui
 """
 
@@ -485,6 +487,47 @@ def predict(
         )
     console.print(table)
     console.print(f"wrote <stem>_probability.png, _vessels.png and _overlay.png to {out}")
+
+
+@app.command()
+def report(
+    experiment: Annotated[
+        str | None, typer.Option(help="Sweep experiment. Default: the latest sweep.")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            metavar="DIR",
+            help="Folder for report.html. Default: reports/<experiment>.",
+            show_default=False,
+        ),
+    ] = None,
+    tracking_uri: TrackingOption = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Write a sweep's results as one HTML page and log its figures to the sweep's run."""
+    _setup_logging(verbose)
+    try:
+        from retina.report import build_report, log_report, write_report
+        from retina.selection import latest_sweep_experiment
+        from retina.tracking import connect
+
+        uri = _tracking_uri(tracking_uri)
+        client = connect(uri)
+        experiment = experiment or latest_sweep_experiment(client, uri)
+        sweep_report = build_report(client, uri, experiment)
+        path = write_report(sweep_report, out or Path("reports") / experiment)
+        log_report(client, sweep_report)
+    except RetinaError as error:
+        _fail(error)
+    console.print(f"report of sweep [bold]{experiment}[/] written to {path}", highlight=False)
+    if sweep_report.parent_run_id:
+        console.print(
+            f"its {len(sweep_report.figures)} figures are logged to the sweep's run "
+            f"{sweep_report.parent_run_id} under report/",
+            highlight=False,
+        )
 
 
 @app.command()

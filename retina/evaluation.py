@@ -11,17 +11,20 @@ import json
 import logging
 from dataclasses import dataclass
 
+import mlflow
 import numpy as np
 import torch
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import classification_report, roc_auc_score
 
-import mlflow
 from retina.config import TrialSettings
 from retina.data.dataset import FundusDataset
 from retina.errors import TrackingError
 from retina.figures import predictions_figure
 from retina.metrics import VesselHistograms, scores_at_threshold
+from retina.prediction import CHAMPION_ALIAS
 from retina.selection import TrialRecord
 from retina.tracking import MODEL_ARTIFACT, TAG_EVALUATED, RunRecorder
 from retina.training import PhotoTensors, predict_probabilities
@@ -156,3 +159,74 @@ def record_evaluation(client: MlflowClient, evaluation: TestEvaluation) -> None:
         "test_predictions.png",
     )
     recorder.set_tags({TAG_EVALUATED: "true"})
+
+
+def choose_champion(records: list[TrialRecord], metric: str) -> TrialRecord:
+    """The evaluated run to serve: the best by its validation ``metric``, never by test.
+
+    The strategies of one split seed share phase 1 and so tie on phase-1 metrics, and
+    validation cannot rank them (both consume the validation photos); ties go to the
+    first run in name order, so the choice is repeatable and blind to test results.
+    """
+    ranked = sorted(records, key=lambda record: record.name)
+    return max(ranked, key=lambda record: record.metrics.get(metric, float("-inf")))
+
+
+def register_champion(
+    tracking_uri: str,
+    name: str,
+    record: TrialRecord,
+    evaluation: TestEvaluation,
+    experiment: str,
+    metric: str,
+) -> ModelVersion:
+    """Register a run's final model as a new version of ``name`` with the champion alias.
+
+    The version's description and tags hold its test results, so the registry answers
+    how good the served model is without opening the run.
+    """
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    outputs = client.get_run(evaluation.run_id).outputs
+    logged = [output.model_id for output in (outputs.model_outputs if outputs else [])]
+    # MLflow 3 stores a run's model as a logged model; naming it avoids a lookup warning.
+    source = f"models:/{logged[-1]}" if logged else f"runs:/{evaluation.run_id}/{MODEL_ARTIFACT}"
+    tags = {
+        "retina.experiment": experiment,
+        "retina.run_name": evaluation.name,
+        "retina.strategy": evaluation.settings.strategy,
+        "retina.split_seed": str(evaluation.settings.split_seed),
+        "retina.chosen_by": f"{metric}={record.metrics.get(metric, float('nan')):.4f}",
+        "retina.test_photos": str(len(evaluation.test_photos)),
+    } | {key: f"{value:.6g}" for key, value in sorted(evaluation.metrics.items())}
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    try:
+        version = mlflow.register_model(source, name, tags=tags)
+    except MlflowException as error:
+        reason = str(error).splitlines()[0][:160]
+        raise TrackingError(
+            f"cannot register run {evaluation.run_id} as {name!r}: {reason}"
+        ) from None
+    client.update_model_version(name, version.version, description=_champion_note(evaluation))
+    client.set_registered_model_alias(name, CHAMPION_ALIAS, version.version)
+    log.debug(
+        "registered run %s as %s version %s (@%s)",
+        evaluation.run_id,
+        name,
+        version.version,
+        CHAMPION_ALIAS,
+    )
+    return client.get_model_version(name, version.version)
+
+
+def _champion_note(evaluation: TestEvaluation) -> str:
+    m, photos = evaluation.metrics, len(evaluation.test_photos)
+    return (
+        f"{evaluation.name} (run {evaluation.run_id}), final-training strategy "
+        f"{evaluation.settings.strategy}, chosen on validation. Test, {photos} "
+        f"photos inside the field of view: F1 {m['test_f1']:.4f} at threshold 0.5, "
+        f"{m['test_f1_at_val_threshold']:.4f} at the validation threshold "
+        f"{evaluation.threshold:.3f}; precision {m['test_precision']:.4f}, recall "
+        f"{m['test_recall']:.4f}, accuracy {m['test_accuracy']:.4f}, AUC {m['test_auc']:.4f}. "
+        f"Whole image: F1 {m['test_f1_image']:.4f}, AUC {m['test_auc_image']:.4f}."
+    )
