@@ -41,3 +41,17 @@ def test_best_threshold_beats_or_equals_half(pixels):
     assert 0 < threshold < 1
     assert best >= scores_at_threshold(histograms, "fov", 0.5)["f1"]
     assert best == pytest.approx(scores_at_threshold(histograms, "fov", threshold)["f1"])
+
+
+def test_auc_stays_exact_when_probabilities_crowd_near_zero():
+    """A U-Net trained with a Dice loss gives most pixels, vessels among them, a vessel
+    probability below 1e-3; the AUC must still tell those pixels apart."""
+    rng = np.random.default_rng(1)
+    truth = rng.random((2, 1, 64, 64)) < 0.1
+    logits = np.where(truth, rng.normal(-5, 3, truth.shape), rng.normal(-11, 3, truth.shape))
+    probability = torch.sigmoid(torch.from_numpy(logits)).float()
+    fov = torch.ones(truth.shape, dtype=torch.bool)
+    histograms = VesselHistograms.empty()
+    histograms.add(probability, torch.from_numpy(truth), fov)
+    expected = roc_auc_score(truth.ravel(), probability.numpy().ravel())
+    assert scores_at_threshold(histograms, "fov")["auc"] == pytest.approx(expected, abs=2e-3)
