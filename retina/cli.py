@@ -129,7 +129,7 @@ def sweep(
             help="Where Ray keeps trial results and checkpoints: a folder, or on a cluster "
             "shared storage (an NFS path, s3://..., gs://...)."
         ),
-    ] = "~/ray_results",
+    ] = "ray_results",
     address: Annotated[
         str | None, typer.Option(help="Ray cluster to join (e.g. 10.0.0.1:6379).")
     ] = None,
@@ -179,12 +179,15 @@ def sweep(
         outcome = run_sweep(request, dataset, errors)
     except RetinaError as error:
         _fail(error)
-    _print_sweep_summary(request.experiment, outcome, request.tracking_uri)
+    trials = _print_sweep_summary(request.experiment, outcome, request.tracking_uri)
     if outcome.interrupted:
         raise typer.Exit(code=130)
+    if not any(trial.outcome == "finished" for trial in trials):
+        errors.print("[bold red]error:[/] no trial of the sweep finished; see the reasons above")
+        raise typer.Exit(code=1)
 
 
-def _print_sweep_summary(experiment: str, outcome, uri: str) -> None:
+def _print_sweep_summary(experiment: str, outcome, uri: str) -> list:
     from retina.sweep.runner import summarize_trials
     from retina.tracking import connect
 
@@ -203,6 +206,7 @@ def _print_sweep_summary(experiment: str, outcome, uri: str) -> None:
         f"MLflow experiment [bold]{experiment}[/] (parent run {outcome.parent_run_id}); "
         "next: [bold]retina best --evaluate[/], or [bold]retina ui[/] to browse."
     )
+    return trials
 
 
 @app.command()

@@ -86,6 +86,8 @@ def test_interrupted_sweep_resumes_into_one_run_per_trial(tmp_path, hrf_dir, sto
     assert len(runs) == 4 and len(set(trial_ids)) == 4
     assert all(r.info.status == "FINISHED" for r in runs)
     assert all(r.data.tags["retina.outcome"] == "finished" for r in runs)
+    # The interrupted runs went on and finished: no reason for a failure stays on them.
+    assert all("retina.failure" not in r.data.tags for r in runs)
     for run_id, (best, epochs) in before.items():
         run = client.get_run(run_id)
         assert run.data.metrics["best_val_f1"] == best

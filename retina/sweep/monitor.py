@@ -17,7 +17,8 @@ from rich.live import Live
 from rich.table import Table
 
 from retina.config import TrialSettings
-from retina.tracking import find_trial_run, finish_if_running
+from retina.figures import learning_curves_figure
+from retina.tracking import RunRecorder, find_trial_run, finish_if_running
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,21 @@ class RunFinisher(Callback):
         run_id = self._run_of(trial)
         if run_id and finish_if_running(self.client, run_id, "stopped_early"):
             log.info("trial %s stopped early by the scheduler", trial.trial_id)
+            self._log_learning_curves(run_id)
+
+    def _log_learning_curves(self, run_id: str) -> None:
+        """A stopped trial never reached its phase end: draw its curves from MLflow."""
+        keys = ("train_loss", "val_loss", "val_f1", "val_auc")
+        series = {
+            key: {m.step: m.value for m in self.client.get_metric_history(run_id, key)}
+            for key in keys
+        }
+        steps = sorted(series["val_f1"])
+        if steps:
+            history = [{key: series[key].get(step, float("nan")) for key in keys} for step in steps]
+            RunRecorder(self.client, run_id).log_figure(
+                learning_curves_figure(history), "learning_curves.png"
+            )
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         run_id = self._run_of(trial)

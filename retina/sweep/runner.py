@@ -118,6 +118,11 @@ def start_ray(address: str | None) -> None:
     """Join the cluster at ``address``, or start a local Ray runtime."""
     if ray.is_initialized():
         return
+    # A local runtime authenticates its processes with a token; Ray's notice of it is
+    # not something a user of retina can act on.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.ERROR
+    )
     # Trial logs stay in Ray's log files; the console shows retina's own progress.
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # Checkpoints every epoch are the point; Tune's warning about them is noise here.
@@ -316,7 +321,9 @@ def _finish_leftover_runs(client, experiment_id: str, parent_run_id: str) -> Non
         filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}' and attributes.status = 'RUNNING'",
     )
     for run in leftover:
-        finish_if_running(client, run.info.run_id, "killed", "the sweep stopped before it")
+        finish_if_running(
+            client, run.info.run_id, "killed", "the sweep stopped before this trial finished"
+        )
 
 
 def _interrupt_as_ctrl_c(signum, frame) -> None:

@@ -28,6 +28,7 @@ from retina.sweep.data_parallel import (
     worker_device,
 )
 from retina.tracking import (
+    TAG_FAILURE,
     TAG_NODE,
     TAG_OUTCOME,
     TAG_PARENT,
@@ -83,6 +84,12 @@ def _open_run(context: SweepContext, settings: TrialSettings, trial_id: str) -> 
         )
         run_id = run.info.run_id
     else:
+        tags = client.get_run(run_id).data.tags
+        if tags.get(TAG_OUTCOME) != "finished":
+            # The run goes on: an outcome from its interruption no longer holds.
+            for key in (TAG_OUTCOME, TAG_FAILURE):
+                if key in tags:
+                    client.delete_tag(run_id, key)
         client.update_run(run_id, status="RUNNING")
         log.info("reattached to MLflow run %s", run_id)
     recorder = RunRecorder(client, run_id)
