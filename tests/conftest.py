@@ -29,6 +29,15 @@ def session_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def no_inherited_tracking_uri():
+    """mlflow.set_tracking_uri() also exports MLFLOW_TRACKING_URI; a test module that
+    loads a model in-process must not send the next module's CLI runs to its store."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
 @pytest.fixture(autouse=True)
 def isolated_environment(session_cache, monkeypatch):
     """Tests never touch the user's cache, tracking store or data folder settings."""

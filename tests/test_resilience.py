@@ -20,6 +20,17 @@ def _sweep_command(sweep: str, hrf_dir: Path, work: Path, *extra: str) -> list[s
     ]  # fmt: skip
 
 
+def _start_sweep(sweep: str, hrf_dir: Path, work: Path) -> subprocess.Popen:
+    """A sweep's driver running in the background, as a user's terminal would run it."""
+    return subprocess.Popen(
+        _sweep_command(sweep, hrf_dir, work),
+        cwd=work,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def _trial_runs(client: MlflowClient, experiment: str):
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -38,13 +49,7 @@ def _wait_until(condition, timeout: float, process: subprocess.Popen) -> None:
 @pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGINT], ids=["kill", "ctrl-c"])
 def test_interrupted_sweep_resumes_into_one_run_per_trial(tmp_path, hrf_dir, stop_signal):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
-    driver = subprocess.Popen(
-        _sweep_command("resumable.yaml", hrf_dir, tmp_path),
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    driver = _start_sweep("resumable.yaml", hrf_dir, tmp_path)
 
     def one_finished_and_one_under_way() -> bool:
         runs = _trial_runs(client, "resumable")
@@ -119,13 +124,7 @@ def test_diverging_trial_fails_alone_with_its_reason(tmp_path, hrf_dir):
 
 def test_crashed_trial_is_retried_from_its_checkpoint_in_the_same_run(tmp_path, hrf_dir):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
-    driver = subprocess.Popen(
-        _sweep_command("retried.yaml", hrf_dir, tmp_path),
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    driver = _start_sweep("retried.yaml", hrf_dir, tmp_path)
 
     def two_epochs_done() -> bool:
         runs = _trial_runs(client, "retried")
