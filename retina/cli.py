@@ -262,7 +262,7 @@ def _best(experiment, metric, top, evaluate, register, data_dir, uri) -> dict:
         rank_configurations,
         rank_runs,
     )
-    from retina.tracking import TAG_ROLE, connect, find_experiment
+    from retina.tracking import connect, find_experiment, find_sweep_run
 
     client = connect(uri)
     experiment = experiment or latest_sweep_experiment(client, uri)
@@ -296,10 +296,8 @@ def _best(experiment, metric, top, evaluate, register, data_dir, uri) -> dict:
         return result
 
     experiment_id = find_experiment(client, uri, experiment)
-    parents = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{TAG_ROLE}` = 'sweep'", max_results=1
-    )
-    recorded = parents[0].data.params if parents else {}
+    sweep_run = find_sweep_run(client, experiment_id)
+    recorded = sweep_run.data.params if sweep_run else {}
     dataset = _load_dataset(data_dir, chosen.settings.resolution, recorded.get("data_source"))
     if recorded.get("data_fingerprint") not in (None, dataset.fingerprint):
         log.warning("the data differ from the sweep's (fingerprint); splits follow photo names")

@@ -26,7 +26,7 @@ from retina.figures import predictions_figure
 from retina.metrics import VesselHistograms, scores_at_threshold
 from retina.prediction import CHAMPION_ALIAS
 from retina.selection import TrialRecord
-from retina.tracking import MODEL_ARTIFACT, TAG_EVALUATED, RunRecorder
+from retina.tracking import MODEL_ARTIFACT, TAG_EVALUATED, RunRecorder, load_logged_model
 from retina.training import PhotoTensors, predict_probabilities
 
 log = logging.getLogger(__name__)
@@ -43,15 +43,6 @@ class TestEvaluation:
     reports: dict[str, dict]  # region -> scikit-learn classification report (dict form)
     report_text: str
     preview: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # photos, labels, probabilities
-
-
-def load_final_model(tracking_uri: str, run_id: str) -> torch.nn.Module:
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        return mlflow.pytorch.load_model(f"runs:/{run_id}/{MODEL_ARTIFACT}", map_location="cpu")
-    except Exception as error:  # MLflow raises several kinds for a missing artifact
-        reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
-        raise TrackingError(f"run {run_id}: final model cannot be loaded ({reason})") from None
 
 
 def test_split_names(dataset: FundusDataset, settings: TrialSettings) -> list[str]:
@@ -90,7 +81,9 @@ def _format_report(title: str, report: dict, auc: float) -> str:
 def evaluate_run(record: TrialRecord, dataset: FundusDataset, tracking_uri: str) -> TestEvaluation:
     """Predict the run's test photos with its final model and score them."""
     settings = record.settings
-    model = load_final_model(tracking_uri, record.run_id)
+    model = load_logged_model(
+        tracking_uri, f"runs:/{record.run_id}/{MODEL_ARTIFACT}", f"run {record.run_id}"
+    )
     names = test_split_names(dataset, settings)
     test = PhotoTensors.from_dataset(dataset, dataset.index_of(names), torch.device("cpu"))
     probabilities = predict_probabilities(model, test.photos, settings)

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import torch
 from mlflow.exceptions import MlflowException
@@ -29,7 +28,7 @@ from retina.data.images import (
     resize_photo,
 )
 from retina.errors import DataError, TrackingError
-from retina.tracking import MODEL_ARTIFACT, connect
+from retina.tracking import MODEL_ARTIFACT, connect, load_logged_model
 from retina.training import predict_probabilities
 
 log = logging.getLogger(__name__)
@@ -143,14 +142,7 @@ def load_vessel_model(uri: str, run_id: str | None = None, model: str | None = N
         reason = _first_line(error)
         raise TrackingError(f"run {run_id}: params are not retina settings ({reason})") from None
 
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        network = mlflow.pytorch.load_model(source, map_location="cpu")
-    except Exception as error:  # MLflow raises several kinds for a missing artifact
-        raise TrackingError(
-            f"{source}: final model cannot be loaded ({_first_line(error)})"
-        ) from None
+    network = load_logged_model(uri, source, source)
     threshold = run.data.metrics.get("best_val_threshold")
     if threshold is None:
         log.warning("run %s logged no best_val_threshold; using %.2f", run_id, FALLBACK_THRESHOLD)

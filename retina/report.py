@@ -31,7 +31,7 @@ from retina.selection import (
     load_trials,
     rank_configurations,
 )
-from retina.tracking import TAG_ROLE, RunRecorder, find_experiment
+from retina.tracking import RunRecorder, find_experiment, find_sweep_run
 
 log = logging.getLogger(__name__)
 
@@ -272,12 +272,8 @@ def _artifact(client: MlflowClient, run_id: str, path: str) -> bytes | None:
 
 
 def _parent_run_id(client: MlflowClient, uri: str, experiment: str) -> str | None:
-    runs = client.search_runs(
-        [find_experiment(client, uri, experiment)],
-        filter_string=f"tags.`{TAG_ROLE}` = 'sweep'",
-        max_results=1,
-    )
-    return runs[0].info.run_id if runs else None
+    sweep_run = find_sweep_run(client, find_experiment(client, uri, experiment))
+    return sweep_run.info.run_id if sweep_run else None
 
 
 def _histories(client: MlflowClient, runs: list[TrialRecord]) -> dict[str, dict]:

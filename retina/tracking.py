@@ -114,6 +114,35 @@ def find_trial_run(client: MlflowClient, experiment_id: str, trial_id: str) -> s
     return runs[0].info.run_id if runs else None
 
 
+def find_sweep_run(client: MlflowClient, experiment_id: str):
+    """The parent run of the sweep recorded in an experiment, or None."""
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{TAG_ROLE}` = 'sweep'", max_results=1
+    )
+    return runs[0] if runs else None
+
+
+def trial_runs_of(
+    client: MlflowClient, experiment_id: str, parent_run_id: str, running_only: bool = False
+) -> list:
+    """The trial runs of one sweep; with ``running_only``, those still RUNNING."""
+    query = f"tags.`{TAG_PARENT}` = '{parent_run_id}'"
+    if running_only:
+        query += " and attributes.status = 'RUNNING'"
+    return client.search_runs([experiment_id], filter_string=query)
+
+
+def load_logged_model(tracking_uri: str, source: str, owner: str):
+    """Load a logged PyTorch model onto the CPU; a missing one is one line naming ``owner``."""
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    try:
+        return mlflow.pytorch.load_model(source, map_location="cpu")
+    except Exception as error:  # MLflow raises several kinds for a missing artifact
+        reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+        raise TrackingError(f"{owner}: final model cannot be loaded ({reason})") from None
+
+
 class RunRecorder:
     """Writes one run's params, per-epoch metrics, figures and model to MLflow."""
 

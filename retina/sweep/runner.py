@@ -27,13 +27,14 @@ from retina.sweep.trial import SCHEDULER_TIME, SweepContext, run_trial
 from retina.tracking import (
     TAG_FAILURE,
     TAG_OUTCOME,
-    TAG_PARENT,
     TAG_ROLE,
     RunRecorder,
     connect,
     ensure_experiment,
+    find_sweep_run,
     finish_if_running,
     is_local_uri,
+    trial_runs_of,
 )
 
 log = logging.getLogger(__name__)
@@ -173,11 +174,9 @@ def _is_network_mount(path: str) -> bool:
 def _open_parent_run(request: SweepRequest, dataset: FundusDataset) -> tuple[str, str, object]:
     client = connect(request.tracking_uri)
     experiment_id = ensure_experiment(client, request.tracking_uri, request.experiment)
-    existing = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{TAG_ROLE}` = 'sweep'", max_results=1
-    )
+    existing = find_sweep_run(client, experiment_id)
     if existing and request.resume:
-        parent = existing[0].info.run_id
+        parent = existing.info.run_id
         client.update_run(parent, status="RUNNING")
         return client, experiment_id, parent
 
@@ -292,12 +291,9 @@ def run_sweep(
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
         # Tune returns normally after Ctrl-C; trials without an outcome tell it apart.
-        children = client.search_runs(
-            [experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}'"
-        )
         concluded = [
             run
-            for run in children
+            for run in trial_runs_of(client, experiment_id, parent_run_id)
             if run.data.tags.get(TAG_OUTCOME) in ("finished", "failed", "stopped_early")
         ]
         interrupted = len(concluded) < request.spec.grid_size()
@@ -316,11 +312,7 @@ def run_sweep(
 
 def _finish_leftover_runs(client, experiment_id: str, parent_run_id: str) -> None:
     """Mark runs a stopped sweep left RUNNING as killed; resumed trials reattach to them."""
-    leftover = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}' and attributes.status = 'RUNNING'",
-    )
-    for run in leftover:
+    for run in trial_runs_of(client, experiment_id, parent_run_id, running_only=True):
         finish_if_running(
             client, run.info.run_id, "killed", "the sweep stopped before this trial finished"
         )
@@ -345,9 +337,7 @@ class TrialSummary:
 
 def summarize_trials(client, experiment_id: str, parent_run_id: str) -> list[TrialSummary]:
     """Every trial of the sweep as MLflow recorded it, best validation F1 first."""
-    runs = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}'"
-    )
+    runs = trial_runs_of(client, experiment_id, parent_run_id)
     summaries = [
         TrialSummary(
             name=run.info.run_name,
