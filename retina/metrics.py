@@ -11,6 +11,7 @@ The bins are even in logit, not in probability: a trained U-Net puts most pixels
 AUC; logit bins keep them apart down to probabilities of about 1e-7.
 """
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,6 +68,12 @@ class VesselHistograms:
                     bins[selected], minlength=HISTOGRAM_BINS
                 ).double()
 
+    def merge(self, other: "VesselHistograms") -> None:
+        """Add another set of counts (another photo, another worker) to these."""
+        for mine, theirs in ((self.vessel, other.vessel), (self.background, other.background)):
+            for region in REGIONS:
+                mine[region] += theirs[region].to(mine[region].device)
+
 
 def _cumulative_from_top(histogram: torch.Tensor) -> np.ndarray:
     """Pixels at or above each bin edge k, for k = 0..BINS, as float64 numpy."""
@@ -77,7 +84,9 @@ def _cumulative_from_top(histogram: torch.Tensor) -> np.ndarray:
 def scores_at_threshold(
     histograms: VesselHistograms, region: str, threshold: float = 0.5
 ) -> dict[str, float]:
-    """Precision, recall, F1 (Dice), IoU, specificity, accuracy and AUC-ROC of the vessels."""
+    """Precision, recall, F1 (Dice), IoU, specificity, accuracy and Matthews correlation
+    of the vessels at ``threshold``, and the threshold-free areas under the ROC curve
+    (``auc``) and under the precision-recall curve (``auc_pr``, average precision)."""
     vessel_at_or_above = _cumulative_from_top(histograms.vessel[region])
     background_at_or_above = _cumulative_from_top(histograms.background[region])
     edge = _edge_of(threshold)
@@ -92,7 +101,9 @@ def scores_at_threshold(
         "specificity": _ratio(tn, tn + fp),
         "accuracy": _ratio(tp + tn, tp + tn + fp + fn),
         "iou": _ratio(tp, tp + fp + fn),
+        "mcc": _ratio(tp * tn - fp * fn, math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))),
         "auc": _auc(vessel_at_or_above, background_at_or_above),
+        "auc_pr": _average_precision(vessel_at_or_above, background_at_or_above),
     }
 
 
@@ -122,3 +133,18 @@ def _auc(vessel_at_or_above: np.ndarray, background_at_or_above: np.ndarray) -> 
     tpr = vessel_at_or_above[::-1] / positives
     fpr = background_at_or_above[::-1] / negatives
     return float(np.trapezoid(tpr, fpr))
+
+
+def _average_precision(vessel_at_or_above: np.ndarray, background_at_or_above: np.ndarray) -> float:
+    """Area under the precision-recall curve as average precision: the precision at each
+    bin-edge threshold weighted by the recall gained there (scikit-learn's definition)."""
+    positives = vessel_at_or_above[0]
+    if positives == 0:
+        return float("nan")
+    called = vessel_at_or_above + background_at_or_above
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(called > 0, vessel_at_or_above / called, 1.0)
+    recall = vessel_at_or_above / positives
+    # From the highest threshold down, recall grows; each step adds its precision.
+    gained = recall[:-1] - recall[1:]
+    return float(np.sum(gained * precision[:-1]))

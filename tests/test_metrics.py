@@ -3,7 +3,14 @@
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
+from sklearn.metrics import (
+    average_precision_score,
+    f1_score,
+    matthews_corrcoef,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
 
 from retina.metrics import VesselHistograms, best_f1_threshold, scores_at_threshold
 
@@ -55,3 +62,32 @@ def test_auc_stays_exact_when_probabilities_crowd_near_zero():
     histograms.add(probability, torch.from_numpy(truth), fov)
     expected = roc_auc_score(truth.ravel(), probability.numpy().ravel())
     assert scores_at_threshold(histograms, "fov")["auc"] == pytest.approx(expected, abs=2e-3)
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.7])
+def test_matthews_correlation_and_average_precision_match_scikit_learn(pixels, threshold):
+    truth, probability, fov = pixels
+    histograms = VesselHistograms.empty()
+    histograms.add(torch.from_numpy(probability), torch.from_numpy(truth), torch.from_numpy(fov))
+    inside = fov.ravel()
+    y, p = truth.ravel()[inside], probability.ravel()[inside]
+    scores = scores_at_threshold(histograms, "fov", threshold)
+    # The threshold snaps to a bin edge within 0.25% in probability.
+    assert scores["mcc"] == pytest.approx(matthews_corrcoef(y, p >= threshold), abs=5e-3)
+    assert scores["auc_pr"] == pytest.approx(average_precision_score(y, p), abs=2e-3)
+
+
+def test_histograms_of_photos_merge_into_those_of_the_whole_set(pixels):
+    truth, probability, fov = pixels
+    whole, merged = VesselHistograms.empty(), VesselHistograms.empty()
+    whole.add(torch.from_numpy(probability), torch.from_numpy(truth), torch.from_numpy(fov))
+    for index in range(truth.shape[0]):
+        photo = VesselHistograms.empty()
+        part = slice(index, index + 1)
+        photo.add(
+            torch.from_numpy(probability[part]),
+            torch.from_numpy(truth[part]),
+            torch.from_numpy(fov[part]),
+        )
+        merged.merge(photo)
+    assert scores_at_threshold(merged, "fov") == scores_at_threshold(whole, "fov")
