@@ -22,9 +22,8 @@ import torch
 import retina.sweep.trial  # noqa: F401  (a trial worker imports it, with Ray and MLflow)
 from retina.config import TrialSettings
 from retina.data.dataset import load_dataset
-from retina.data.splits import split_photos
 from retina.model import build_loss
-from retina.training import PhotoTensors, TrainingRun, evaluate, train_one_epoch
+from retina.training import PhotoTensors, TrainingRun, evaluate, split_tensors, train_one_epoch
 
 
 def peak_mib() -> float:
@@ -56,9 +55,7 @@ def main() -> None:
     settings = TrialSettings(resolution=args.resolution, batch_size=args.batch_size)
     device = torch.device("cpu")
     dataset = load_dataset(args.data_dir, settings.resolution)
-    split = split_photos(dataset.names, settings.split_seed, categories=dataset.categories)
-    train = PhotoTensors.from_dataset(dataset, dataset.index_of(split.train), device)
-    val = PhotoTensors.from_dataset(dataset, dataset.index_of(split.val), device)
+    train, val = split_tensors(dataset, settings, device)
     after_data = peak_mib()
 
     shown = slice(0, args.steps * settings.batch_size)

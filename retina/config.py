@@ -18,6 +18,10 @@ Optimizer = Literal["sgd", "rmsprop", "adam", "adamw", "nadam", "radam", "adamax
 FinalStrategy = Literal["retrain", "finetune", "none"]
 Loss = Literal["dice_ce", "dice", "bce", "dice_focal", "tversky"]
 LearningRateSchedule = Literal["constant", "cosine", "cosine_warmup", "onecycle", "plateau"]
+# What the U-Net sees of a photo: its colour, its green channel (where vessels contrast
+# best), or the green channel after contrast-limited adaptive histogram equalisation.
+Preprocessing = Literal["rgb", "green", "green_clahe"]
+PhotoNames = tuple[Annotated[str, Field(min_length=1)], ...]
 
 
 class TrialSettings(BaseModel):
@@ -31,6 +35,16 @@ class TrialSettings(BaseModel):
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = 1 / 6
     stratify: bool = True
     split_seed: Annotated[int, Field(ge=0)] = 0
+    # A fixed split named photo by photo (such as the 15/30 HRF protocol) instead of a
+    # seeded one: all three lists, or none.
+    train_photos: PhotoNames = ()
+    val_photos: PhotoNames = ()
+    test_photos: PhotoNames = ()
+    preprocessing: Preprocessing = "rgb"
+    # Training on random square crops of the resized photo; inference then runs on the
+    # whole photo with overlapping sliding windows of this size. 0: whole photos.
+    patch_size: Annotated[int, Field(ge=0)] = 0
+    patches_per_photo: Annotated[int, Field(ge=1)] = 1  # crops of each photo per epoch
 
     # Model: a 2-D MONAI U-Net with residual units.
     channels: tuple[Annotated[int, Field(ge=1)], ...] = (16, 32, 64, 128, 256)
@@ -58,6 +72,10 @@ class TrialSettings(BaseModel):
     scaling: Annotated[float, Field(ge=0, lt=1)] = 0.0  # zoom by a factor in 1 +/- scaling
     gamma: Annotated[float, Field(ge=0, lt=1)] = 0.0  # intensity gamma in 1 +/- gamma
 
+    # Evaluation: average the probabilities of the photo and its flips (test-time
+    # augmentation) when predicting test photos and new ones.
+    test_time_flips: bool = False
+
     # Phase 2: the final-training strategy.
     strategy: FinalStrategy = "retrain"
     finetune_epochs: Annotated[int, Field(ge=1)] = 10
@@ -82,7 +100,42 @@ class TrialSettings(BaseModel):
                 f"resolution {self.resolution} must be a multiple of {divisor} for "
                 f"{len(self.channels)} U-Net levels"
             )
+        if self.patch_size:
+            if self.patch_size > self.resolution:
+                raise ValueError(
+                    f"patch_size {self.patch_size} is larger than resolution {self.resolution}"
+                )
+            if self.patch_size % divisor:
+                raise ValueError(
+                    f"patch_size {self.patch_size} must be a multiple of {divisor} for "
+                    f"{len(self.channels)} U-Net levels"
+                )
+        named = {part: getattr(self, f"{part}_photos") for part in ("train", "val", "test")}
+        if any(named.values()):
+            for part, names in named.items():
+                if not names:
+                    raise ValueError(
+                        f"{part}_photos is empty: a fixed split names the photos of all "
+                        "three parts (train_photos, val_photos, test_photos)"
+                    )
+                if len(set(names)) != len(names):
+                    raise ValueError(f"{part}_photos names a photo twice")
+            for first, second in (("train", "val"), ("train", "test"), ("val", "test")):
+                shared = sorted(set(named[first]) & set(named[second]))
+                if shared:
+                    raise ValueError(
+                        f"photo {shared[0]!r} is in both {first}_photos and {second}_photos"
+                    )
         return self
+
+    @property
+    def fixed_split(self) -> bool:
+        """Whether the split is named photo by photo rather than drawn with a seed."""
+        return bool(self.train_photos)
+
+    @property
+    def input_channels(self) -> int:
+        return 3 if self.preprocessing == "rgb" else 1
 
     @property
     def configuration_key(self) -> str:
@@ -95,8 +148,11 @@ class TrialSettings(BaseModel):
         return ";".join(f"{key}={value}" for key, value in sorted(fields.items()))
 
     def run_name(self) -> str:
-        """A readable name such as ``adamw-lr3e-04-split2-retrain``."""
-        return f"{self.optimizer}-lr{self.learning_rate:.0e}-split{self.split_seed}-{self.strategy}"
+        """A readable name such as ``adamw-lr3e-04-split2-retrain`` (``-seed1`` added for
+        other weight seeds than 0)."""
+        split = "fixedsplit" if self.fixed_split else f"split{self.split_seed}"
+        name = f"{self.optimizer}-lr{self.learning_rate:.0e}-{split}-{self.strategy}"
+        return f"{name}-seed{self.seed}" if self.seed else name
 
     def as_params(self) -> dict[str, str]:
         """Every setting as an MLflow param value (strings, tuples written as lists)."""
@@ -111,6 +167,9 @@ class TrialSettings(BaseModel):
         known = {key: value for key, value in params.items() if key in cls.model_fields}
         if "channels" in known:
             known["channels"] = tuple(int(width) for width in known["channels"].split(","))
+        for part in ("train_photos", "val_photos", "test_photos"):
+            if part in known:
+                known[part] = tuple(name for name in known[part].split(",") if name)
         return cls.model_validate(known)
 
 

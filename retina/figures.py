@@ -45,6 +45,8 @@ def predictions_figure(
     figure, axes = plt.subplots(count, 3, figsize=(9, 3 * count), squeeze=False)
     for row in range(count):
         photo = photos[row].permute(1, 2, 0).numpy()
+        if photo.shape[-1] == 1:  # the green channel alone
+            photo = photo[..., 0]
         truth = vessels[row, 0].numpy() > 0.5
         found = probabilities[row, 0].numpy() >= threshold
         overlay = np.zeros((*truth.shape, 3))

@@ -11,10 +11,11 @@ from retina.config import TrialSettings
 
 
 def build_unet(settings: TrialSettings) -> nn.Module:
-    """A 2-D MONAI U-Net: RGB photo in, one vessel logit per pixel out."""
+    """A 2-D MONAI U-Net: photo in (RGB or one green channel), one vessel logit per pixel
+    out."""
     return UNet(
         spatial_dims=2,
-        in_channels=3,
+        in_channels=settings.input_channels,
         out_channels=1,
         channels=settings.channels,
         strides=(2,) * (len(settings.channels) - 1),

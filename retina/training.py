@@ -18,10 +18,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from monai.inferers import sliding_window_inference
 from torch import nn
 
 from retina.config import TrialSettings
 from retina.data.dataset import FundusDataset
+from retina.data.images import enhance_photos
+from retina.data.splits import Split
+from retina.errors import DataError
 from retina.metrics import VesselHistograms, best_f1_threshold, scores_at_threshold
 from retina.model import (
     build_loss,
@@ -74,11 +78,18 @@ class DataParallel:
 SINGLE_PROCESS = DataParallel()
 
 
+def model_input(photos: np.ndarray, settings: TrialSettings, device: torch.device) -> torch.Tensor:
+    """What the U-Net reads: resized (N, R, R, 3) uint8 photos, enhanced as the settings
+    say, as (N, C, R, R) float32 in [0, 1] on ``device``."""
+    enhanced = torch.from_numpy(enhance_photos(photos, settings.preprocessing))
+    return enhanced.to(device).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+
+
 @dataclass
 class PhotoTensors:
     """Photos scaled to [0, 1], vessel labels and field-of-view masks on one device."""
 
-    photos: torch.Tensor  # (N, 3, R, R) float32
+    photos: torch.Tensor  # (N, C, R, R) float32; C is 3, or 1 for the green channel
     vessels: torch.Tensor  # (N, 1, R, R) float32, 0 or 1
     fields_of_view: torch.Tensor  # (N, 1, R, R) bool
 
@@ -87,11 +98,14 @@ class PhotoTensors:
 
     @classmethod
     def from_dataset(
-        cls, dataset: FundusDataset, indices: list[int], device: torch.device
+        cls,
+        dataset: FundusDataset,
+        indices: list[int],
+        device: torch.device,
+        settings: TrialSettings,
     ) -> "PhotoTensors":
-        photos = torch.from_numpy(np.ascontiguousarray(dataset.photos[indices]))
         return cls(
-            photos=photos.to(device).permute(0, 3, 1, 2).float().div_(255.0).contiguous(),
+            photos=model_input(dataset.photos[indices], settings, device),
             vessels=torch.from_numpy(dataset.vessels[indices]).to(device).unsqueeze(1).float(),
             fields_of_view=torch.from_numpy(dataset.fields_of_view[indices])
             .to(device)
@@ -106,16 +120,53 @@ class PhotoTensors:
         )
 
 
+def trial_split(dataset: FundusDataset, settings: TrialSettings) -> Split:
+    """The photos of a trial's train, validation and test parts: named in the settings
+    (a fixed split), or drawn with the split seed."""
+    if not settings.fixed_split:
+        return dataset.split(
+            settings.split_seed, settings.train_fraction, settings.val_fraction, settings.stratify
+        )
+    known = set(dataset.names)
+    for part in ("train", "val", "test"):
+        for name in getattr(settings, f"{part}_photos"):
+            if name not in known:
+                raise DataError(
+                    f"{part}_photos: no photo named {name!r} in {dataset.source} "
+                    f"(names look like {dataset.names[0]!r})"
+                )
+    return Split(settings.train_photos, settings.val_photos, settings.test_photos)
+
+
 def split_tensors(
     dataset: FundusDataset, settings: TrialSettings, device: torch.device
 ) -> tuple[PhotoTensors, PhotoTensors]:
     """The trial's train and validation photos on its device; the test photos stay unread."""
-    split = dataset.split(
-        settings.split_seed, settings.train_fraction, settings.val_fraction, settings.stratify
-    )
+    split = trial_split(dataset, settings)
     return (
-        PhotoTensors.from_dataset(dataset, dataset.index_of(split.train), device),
-        PhotoTensors.from_dataset(dataset, dataset.index_of(split.val), device),
+        PhotoTensors.from_dataset(dataset, dataset.index_of(split.train), device, settings),
+        PhotoTensors.from_dataset(dataset, dataset.index_of(split.val), device, settings),
+    )
+
+
+def random_patches(
+    photos: torch.Tensor, vessels: torch.Tensor, size: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One random square crop of ``size`` pixels per photo, the same for its label."""
+    count, (height, width) = photos.shape[0], photos.shape[-2:]
+    tops = torch.randint(0, height - size + 1, (count,), generator=generator).tolist()
+    lefts = torch.randint(0, width - size + 1, (count,), generator=generator).tolist()
+    crops = [
+        (slice(top, top + size), slice(left, left + size))
+        for top, left in zip(tops, lefts, strict=True)
+    ]
+    return (
+        torch.stack(
+            [photo[:, rows, cols] for photo, (rows, cols) in zip(photos, crops, strict=True)]
+        ),
+        torch.stack(
+            [label[:, rows, cols] for label, (rows, cols) in zip(vessels, crops, strict=True)]
+        ),
     )
 
 
@@ -217,12 +268,18 @@ def train_one_epoch(
     """One pass over ``data`` in a seeded random order; returns the mean loss."""
     model.train()
     device = data.photos.device
-    order = torch.randperm(len(data), generator=augmenter.generator)
+    crops = settings.patches_per_photo if settings.patch_size else 1
+    order = torch.randperm(len(data) * crops, generator=augmenter.generator) % len(data)
     order = parallel.shard(order).to(device)
     total, seen = 0.0, 0
     for start in range(0, len(order), settings.batch_size):
         batch = order[start : start + settings.batch_size]
-        photos, vessels = augmenter(data.photos[batch], data.vessels[batch])
+        photos, vessels = data.photos[batch], data.vessels[batch]
+        if settings.patch_size:
+            photos, vessels = random_patches(
+                photos, vessels, settings.patch_size, augmenter.generator
+            )
+        photos, vessels = augmenter(photos, vessels)
         if device.type == "cuda" and settings.channels_last:
             photos = photos.contiguous(memory_format=torch.channels_last)
         with _autocast(device, settings):
@@ -241,17 +298,48 @@ def train_one_epoch(
     return float(both[0] / both[1])
 
 
+def infer_logits(model: nn.Module, photos: torch.Tensor, settings: TrialSettings) -> torch.Tensor:
+    """Vessel logits of whole photos: in one pass, or, for a model trained on patches,
+    from overlapping windows of the patch size blended with Gaussian weights."""
+    with _autocast(photos.device, settings):
+        if settings.patch_size and settings.patch_size < photos.shape[-1]:
+            logits = sliding_window_inference(
+                photos,
+                roi_size=(settings.patch_size, settings.patch_size),
+                sw_batch_size=settings.batch_size,
+                predictor=model,
+                overlap=0.25,
+                mode="gaussian",
+            )
+        else:
+            logits = model(photos)
+    return logits.float()
+
+
 @torch.no_grad()
 def predict_probabilities(
-    model: nn.Module, photos: torch.Tensor, settings: TrialSettings
+    model: nn.Module,
+    photos: torch.Tensor,
+    settings: TrialSettings,
+    test_time_flips: bool | None = None,
 ) -> torch.Tensor:
-    """Vessel probabilities, (N, 1, R, R), for photos already on the model's device."""
+    """Vessel probabilities, (N, 1, R, R), for photos already on the model's device.
+
+    With test-time flips (the settings' choice unless given) each probability is the
+    mean over the photo, its left-right and up-down flips and both flips together.
+    """
+    flips = settings.test_time_flips if test_time_flips is None else test_time_flips
+    views = ((), (-1,), (-2,), (-2, -1)) if flips else ((),)
     model.eval()
     outputs = []
     for start in range(0, photos.shape[0], settings.batch_size):
-        with _autocast(photos.device, settings):
-            logits = model(photos[start : start + settings.batch_size])
-        outputs.append(torch.sigmoid(logits.float()))
+        batch = photos[start : start + settings.batch_size]
+        total = torch.zeros((batch.shape[0], 1, *batch.shape[-2:]), device=batch.device)
+        for dims in views:
+            flipped = batch.flip(dims) if dims else batch
+            probabilities = torch.sigmoid(infer_logits(model, flipped, settings))
+            total += probabilities.flip(dims) if dims else probabilities
+        outputs.append(total / len(views))
     return torch.cat(outputs)
 
 
@@ -277,9 +365,7 @@ def evaluate(
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # loss * photos, photos
     for start in range(0, len(shard), settings.batch_size):
         part = shard[start : start + settings.batch_size]
-        with _autocast(device, settings):
-            logits = model(data.photos[part])
-        logits = logits.float()
+        logits = infer_logits(model, data.photos[part], settings)
         loss_sum[0] += loss_fn(logits, data.vessels[part]).item() * len(part)
         loss_sum[1] += len(part)
         histograms.add(torch.sigmoid(logits), data.vessels[part], data.fields_of_view[part])
@@ -351,7 +437,8 @@ class TrainingRun:
             model.load_state_dict(weights)
         optimizer = build_optimizer(settings, model.parameters(), learning_rate)
         schedule_settings = settings.model_copy(update={"lr_schedule": "constant"})
-        steps_per_epoch = math.ceil(math.ceil(photos / parallel.world) / settings.batch_size)
+        crops = photos * (settings.patches_per_photo if settings.patch_size else 1)
+        steps_per_epoch = math.ceil(math.ceil(crops / parallel.world) / settings.batch_size)
         lr_schedule = build_lr_schedule(
             schedule_settings if constant_lr else settings, optimizer, epochs, steps_per_epoch
         )

@@ -9,6 +9,9 @@ from retina.model import build_lr_schedule, build_optimizer, build_plateau_sched
 from retina.training import (
     BatchAugmenter,
     DivergedError,
+    TrainingRun,
+    predict_probabilities,
+    random_patches,
     run_final_training,
     run_phase_one,
     split_tensors,
@@ -99,3 +102,62 @@ def test_rotation_scaling_and_gamma_keep_labels_binary_and_are_seeded(hrf_64):
     assert set(first[1].unique().tolist()) <= {0.0, 1.0}
     assert first[0].min() >= 0 and first[0].max() <= 1
     assert not torch.equal(first[0], train.photos[:4])
+
+
+def test_patches_crop_photo_and_label_alike_and_set_the_steps_per_epoch(hrf_64):
+    settings = TrialSettings(**SMALL, patch_size=32, patches_per_photo=3, batch_size=2)
+    train, _ = split_tensors(hrf_64, settings, torch.device("cpu"))
+    photos, vessels = random_patches(
+        train.photos[:4], train.vessels[:4], 32, torch.Generator().manual_seed(0)
+    )
+    assert photos.shape == (4, 3, 32, 32) and vessels.shape == (4, 1, 32, 32)
+    for photo, label, whole_photo, whole_label in zip(
+        photos, vessels, train.photos[:4], train.vessels[:4], strict=True
+    ):
+        # Find where the crop came from in the photo; the label must come from there too.
+        windows = whole_photo.unfold(1, 32, 1).unfold(2, 32, 1)  # (C, 33, 33, 32, 32)
+        match = (windows == photo[:, None, None]).all(dim=(0, 3, 4)).nonzero()
+        top, left = match[0].tolist()
+        assert torch.equal(label, whole_label[:, top : top + 32, left : left + 32])
+    run = TrainingRun.start(settings, torch.device("cpu"), 1, len(train))
+    # 30 photos x 3 patches in batches of 2: 45 steps of the one-cycle schedule.
+    assert run.lr_schedule.total_steps == 45
+
+
+def test_a_model_trained_on_patches_predicts_whole_photos_with_sliding_windows(hrf_64):
+    settings = TrialSettings(**SMALL, patch_size=32)
+    train, val, progress, epochs = _phase_one(settings, hrf_64)
+    assert len(epochs) == 3 and 0 <= progress.best_f1 <= 1
+    model = run_final_training(settings.model_copy(update={"strategy": "none"}), train, val,
+                               torch.device("cpu"), progress)  # fmt: skip
+    probabilities = predict_probabilities(model, val.photos, settings)
+    assert probabilities.shape == val.vessels.shape
+    assert probabilities.min() >= 0 and probabilities.max() <= 1
+
+
+def test_flip_averaging_gives_the_same_answer_for_a_flipped_photo(hrf_64):
+    """The mean over the photo and its flips cannot depend on which flip it was given."""
+    settings = TrialSettings(**SMALL, test_time_flips=True)
+    model = TrainingRun.start(settings, torch.device("cpu"), 1, 1).model
+    photos = split_tensors(hrf_64, settings, torch.device("cpu"))[1].photos[:2]
+    averaged = predict_probabilities(model, photos, settings)
+    of_flipped = predict_probabilities(model, photos.flip(-1), settings)
+    assert torch.allclose(of_flipped.flip(-1), averaged, atol=1e-6)
+    plain = predict_probabilities(model, photos, settings, test_time_flips=False)
+    assert not torch.allclose(plain, averaged, atol=1e-6)
+
+
+@pytest.mark.parametrize("preprocessing", ["green", "green_clahe"])
+def test_green_channel_preprocessing_feeds_a_one_channel_unet(hrf_64, preprocessing):
+    settings = TrialSettings(**SMALL, preprocessing=preprocessing)
+    train, val, progress, _ = _phase_one(settings, hrf_64)
+    assert train.photos.shape[1] == 1 and val.photos.shape[1] == 1
+    rgb = TrialSettings(**SMALL)
+    green = split_tensors(hrf_64, rgb, torch.device("cpu"))[0].photos[:, 1:2]
+    if preprocessing == "green":
+        assert torch.equal(train.photos, green)
+    else:
+        # CLAHE spreads the green channel's values within each photo's field of view.
+        inside = train.fields_of_view
+        assert train.photos[inside].std() > green[inside].std()
+    assert progress.best_weights is not None

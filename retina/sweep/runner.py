@@ -36,6 +36,7 @@ from retina.tracking import (
     is_local_uri,
     trial_runs_of,
 )
+from retina.training import trial_split
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ def check_splits(spec: SweepSpec, dataset: FundusDataset) -> None:
     fixed = TrialSettings.model_validate(spec.fixed)
     seeds = spec.search.get("split_seed", [fixed.split_seed])
     for seed in seeds if isinstance(seeds, list) else [fixed.split_seed]:
-        dataset.split(seed, fixed.train_fraction, fixed.val_fraction, fixed.stratify)
+        trial_split(dataset, fixed.model_copy(update={"split_seed": seed}))
 
 
 def run_sweep(
