@@ -8,6 +8,7 @@ retina ui
 """
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -47,6 +49,15 @@ DataDirOption = Annotated[
         "--data-dir",
         help="Dataset folder (HRF, DRIVE or images/labels/masks). Default: RETINA_DATA_DIR, "
         "else the folder recorded by the sweep, else HRF downloaded into the cache.",
+        show_default=False,
+    ),
+]
+FlipsOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--tta/--no-tta",
+        help="Test-time augmentation: average the predictions of each photo and its "
+        "flips. Default: what each run's settings chose (test_time_flips).",
         show_default=False,
     ),
 ]
@@ -220,6 +231,25 @@ def best(
         bool, typer.Option("--evaluate", help="Score the chosen configuration on test photos.")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    tta: FlipsOption = None,
+    ensemble: Annotated[
+        int,
+        typer.Option(
+            "--ensemble",
+            metavar="K",
+            min=0,
+            help="With --evaluate: also score the mean prediction of the K runs with the "
+            "best validation metric that share the best run's test photos.",
+        ),
+    ] = 0,
+    native: Annotated[
+        bool,
+        typer.Option(
+            "--native/--no-native",
+            help="With --evaluate: also score at each photo's own size against its "
+            "original label and mask (reads the original files).",
+        ),
+    ] = True,
     register: Annotated[
         str | None,
         typer.Option(
@@ -243,17 +273,33 @@ def best(
         _fail(
             RetinaError("--register NAME needs --evaluate: a champion comes with its test report")
         )
+    if ensemble and not evaluate:
+        _fail(RetinaError("--ensemble K needs --evaluate: an ensemble is scored on test photos"))
+    choices = EvaluationChoices(test_time_flips=tta, ensemble=ensemble, native=native)
     try:
         uri = _tracking_uri(tracking_uri)
-        result = _best(experiment, metric, top, evaluate, register, data_dir, uri)
+        result = _best(experiment, metric, top, evaluate, register, data_dir, uri, choices)
     except RetinaError as error:
         _fail(error)
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
 
 
-def _best(experiment, metric, top, evaluate, register, data_dir, uri) -> dict:
-    from retina.evaluation import evaluate_run, record_evaluation
+@dataclass(frozen=True)
+class EvaluationChoices:
+    test_time_flips: bool | None = None
+    ensemble: int = 0
+    native: bool = True
+
+
+def _best(experiment, metric, top, evaluate, register, data_dir, uri, choices) -> dict:
+    from retina.evaluation import (
+        ensemble_members,
+        evaluate_ensemble,
+        evaluate_run,
+        record_ensemble,
+        record_evaluation,
+    )
     from retina.selection import (
         choose_configuration,
         describe,
@@ -304,7 +350,8 @@ def _best(experiment, metric, top, evaluate, register, data_dir, uri) -> dict:
 
     evaluations = {}
     for record in chosen.evaluable_runs:
-        evaluation = evaluate_run(record, dataset, uri)
+        log.info("evaluating %s on its test photos", record.name)
+        evaluation = evaluate_run(record, dataset, uri, choices.test_time_flips, choices.native)
         record_evaluation(client, evaluation)
         evaluations[record.run_id] = evaluation
         if not quiet:
@@ -315,10 +362,26 @@ def _best(experiment, metric, top, evaluate, register, data_dir, uri) -> dict:
             evaluation = evaluations[entry["run_id"]]
             entry["test"] = evaluation.metrics
             entry["test_photos"] = evaluation.test_photos
+            entry["photo_scores"] = evaluation.photo_scores
             entry["report"] = evaluation.reports
+    shown = [evaluations[r.run_id] for r in chosen.evaluable_runs]
+    if choices.ensemble:
+        members = ensemble_members(records, metric, choices.ensemble)
+        log.info("evaluating the ensemble of %s", ", ".join(r.name for r in members))
+        combined = evaluate_ensemble(members, dataset, uri, choices.test_time_flips, choices.native)
+        if sweep_run is not None:
+            record_ensemble(client, sweep_run.info.run_id, combined, members)
+        result["ensemble"] = {
+            "members": [{"run_id": r.run_id, "name": r.name} for r in members],
+            "threshold": combined.threshold,
+            "test": combined.metrics,
+            "test_photos": combined.test_photos,
+        }
+        shown.append(combined)
     result["strategies"] = _strategy_summary(chosen.evaluable_runs, evaluations)
     if not quiet:
-        _print_strategies(result["strategies"])
+        _print_test_quality(shown, choices.native)
+        _print_strategies(result["strategies"], choices.native)
     if register is not None:
         result["champion"] = _register_champion(
             register, chosen.evaluable_runs, evaluations, experiment, metric, uri
@@ -350,19 +413,67 @@ def _register_champion(name, records, evaluations, experiment, metric, uri) -> d
     }
 
 
+# The test scores summarised over split seeds, and printed as the strategies' table.
+SUMMARY_SCORES = (
+    "test_f1_at_val_threshold",
+    "test_native_f1_at_val_threshold",
+    "test_photo_f1_mean",
+    "test_mcc_at_val_threshold",
+    "test_auc",
+    "test_auc_pr",
+    "test_f1",
+    "test_f1_image",
+    "test_accuracy",
+)
+
+
 def _strategy_summary(records, evaluations) -> dict:
-    keys = ("test_f1", "test_f1_image", "test_f1_at_val_threshold", "test_auc", "test_accuracy")
     summary = {}
     for strategy in sorted({r.settings.strategy for r in records}):
         members = [
             evaluations[r.run_id].metrics for r in records if r.settings.strategy == strategy
         ]
         summary[strategy] = {"runs": len(members)}
-        for key in keys:
-            values = [m[key] for m in members]
+        for key in SUMMARY_SCORES:
+            values = [m[key] for m in members if key in m]
+            if not values:
+                continue
             summary[strategy][f"{key}_mean"] = statistics.fmean(values)
             summary[strategy][f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
     return summary
+
+
+def _print_test_quality(evaluations, native: bool) -> None:
+    """Per evaluated run: the scores the field compares, at the validation threshold."""
+    flips = {bool(e.metrics["test_time_flips"]) for e in evaluations}
+    table = Table(
+        title="test photos inside the field of view, at each run's validation threshold"
+        + (", flip-averaged" if flips == {True} else ""),
+        title_justify="left",
+    )
+    columns = ["run", "photos", "thr.", "F1", "F1 per photo"]
+    columns += ["native F1", "native per photo"] if native else []
+    for column in (*columns, "MCC", "AUC", "AUC-PR"):
+        table.add_column(column)
+
+    def spread(m, prefix):
+        return f"{m[f'{prefix}_photo_f1_mean']:.4f}±{m[f'{prefix}_photo_f1_std']:.4f}"
+
+    for evaluation in evaluations:
+        m = evaluation.metrics
+        cells = [
+            evaluation.name,
+            str(len(evaluation.test_photos)),
+            f"{evaluation.threshold:.3f}",
+            f"{m['test_f1_at_val_threshold']:.4f}",
+            spread(m, "test"),
+        ]
+        if native:
+            cells += [f"{m['test_native_f1_at_val_threshold']:.4f}", spread(m, "test_native")]
+        areas = ("test_mcc_at_val_threshold", "test_auc", "test_auc_pr")
+        cells += [f"{m[key]:.4f}" for key in areas]
+        table.add_row(*cells)
+    console.print(table)
 
 
 def _print_rankings(experiment, metric, runs, configurations) -> None:
@@ -396,19 +507,26 @@ def _print_rankings(experiment, metric, runs, configurations) -> None:
     console.print(table)
 
 
-def _print_strategies(summary: dict) -> None:
+def _print_strategies(summary: dict, native: bool) -> None:
     table = Table(
-        title="final-training strategies of the chosen configuration, on test photos "
-        "(mean ± std over split seeds)",
+        title="final-training strategies of the chosen configuration, on test photos inside "
+        "the field of view (mean ± std over split seeds)",
         title_justify="left",
     )
-    for column in ("strategy", "runs", "F1 (FOV)", "F1 (image)", "F1 at val thr.", "AUC"):
+    shown = {
+        "test_f1_at_val_threshold": "F1 at val thr.",
+        "test_native_f1_at_val_threshold": "F1 native",
+        "test_mcc_at_val_threshold": "MCC",
+        "test_auc": "AUC",
+        "test_f1": "F1 at 0.5",
+        "test_f1_image": "F1 at 0.5, image",
+    }
+    if not native:
+        del shown["test_native_f1_at_val_threshold"]
+    for column in ("strategy", "runs", *shown.values()):
         table.add_column(column)
     for strategy, values in summary.items():
-        cells = [
-            f"{values[f'{key}_mean']:.4f} ± {values[f'{key}_std']:.4f}"
-            for key in ("test_f1", "test_f1_image", "test_f1_at_val_threshold", "test_auc")
-        ]
+        cells = [f"{values[f'{key}_mean']:.4f} ± {values[f'{key}_std']:.4f}" for key in shown]
         table.add_row(strategy, str(values["runs"]), *cells)
     console.print(table)
 
@@ -443,6 +561,7 @@ def predict(
             show_default=False,
         ),
     ] = None,
+    tta: FlipsOption = None,
     tracking_uri: TrackingOption = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -458,6 +577,9 @@ def predict(
         photos = find_photos(images)
         uri = _tracking_uri(tracking_uri)
         vessel_model = load_vessel_model(uri, run_id=run, model=model)
+        if tta is not None:
+            flipped = vessel_model.settings.model_copy(update={"test_time_flips": tta})
+            vessel_model = dataclasses.replace(vessel_model, settings=flipped)
         columns = (TextColumn("segmenting photos"), BarColumn(), MofNCompleteColumn())
         with Progress(*columns, TimeElapsedColumn(), console=errors, transient=True) as progress:
             task = progress.add_task("predict", total=len(photos))

@@ -1,15 +1,23 @@
 """Score a run's final model on its untouched test photos and record the result.
 
 The test split is rebuilt from the run's logged settings (split seed, fractions,
-stratification), so the photos scored are exactly the ones the trial never read. The
-report has the published experiment's shape: precision, recall, F1 and support for
-background (0) and vessel (1), accuracy and macro and weighted averages, over the whole
-image and inside the field of view, with the area under the ROC curve beside it.
+stratification, or the photo names of a fixed split), so the photos scored are exactly
+the ones the trial never read. The report has the published experiment's shape:
+precision, recall, F1 and support for background (0) and vessel (1), accuracy and macro
+and weighted averages, over the whole image and inside the field of view, with the area
+under the ROC curve beside it.
+
+Beside it come the scores the field compares: at the threshold chosen on validation,
+F1, Matthews correlation and the area under the precision-recall curve; F1 per photo
+(mean and spread); and all of them again at native resolution, where the predictions
+are resized back to each photo's own size and scored against its original label inside
+its original mask.
 """
 
 import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -21,20 +29,22 @@ from sklearn.metrics import classification_report, roc_auc_score
 
 from retina.config import TrialSettings
 from retina.data.dataset import FundusDataset
-from retina.errors import TrackingError
+from retina.data.images import BINARY_THRESHOLD, read_grey
+from retina.data.layouts import find_cases
+from retina.errors import DataError, RetinaError, TrackingError
 from retina.figures import predictions_figure
 from retina.metrics import VesselHistograms, scores_at_threshold
-from retina.prediction import CHAMPION_ALIAS
+from retina.prediction import CHAMPION_ALIAS, to_photo_size
 from retina.selection import TrialRecord
 from retina.tracking import MODEL_ARTIFACT, TAG_EVALUATED, RunRecorder, load_logged_model
-from retina.training import PhotoTensors, predict_probabilities
+from retina.training import PhotoTensors, predict_probabilities, trial_split
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class TestEvaluation:
-    run_id: str
+    run_id: str | None  # None for an ensemble, which has no run of its own
     name: str
     settings: TrialSettings
     test_photos: list[str]
@@ -43,13 +53,11 @@ class TestEvaluation:
     reports: dict[str, dict]  # region -> scikit-learn classification report (dict form)
     report_text: str
     preview: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # photos, labels, probabilities
+    photo_scores: dict[str, dict[str, float]]  # photo -> F1 in the FOV at each resolution
 
 
 def test_split_names(dataset: FundusDataset, settings: TrialSettings) -> list[str]:
-    split = dataset.split(
-        settings.split_seed, settings.train_fraction, settings.val_fraction, settings.stratify
-    )
-    return list(split.test)
+    return list(trial_split(dataset, settings).test)
 
 
 def _region_report(truth: np.ndarray, predicted: np.ndarray) -> dict:
@@ -78,28 +86,94 @@ def _format_report(title: str, report: dict, auc: float) -> str:
     return "\n".join(lines)
 
 
-def evaluate_run(record: TrialRecord, dataset: FundusDataset, tracking_uri: str) -> TestEvaluation:
-    """Predict the run's test photos with its final model and score them."""
-    settings = record.settings
-    model = load_logged_model(
-        tracking_uri, f"runs:/{record.run_id}/{MODEL_ARTIFACT}", f"run {record.run_id}"
-    )
-    names = test_split_names(dataset, settings)
-    test = PhotoTensors.from_dataset(dataset, dataset.index_of(names), torch.device("cpu"))
-    probabilities = predict_probabilities(model, test.photos, settings)
-    threshold = float(record.metrics.get("best_val_threshold", 0.5))
-
-    histograms = VesselHistograms.empty()
-    histograms.add(probabilities, test.vessels, test.fields_of_view)
-    metrics: dict[str, float] = {}
+def _scores(histograms: VesselHistograms, prefix: str, threshold: float) -> dict[str, float]:
+    """``<prefix>_<score>[_image][_at_val_threshold]``: both regions, at 0.5 and at the
+    validation threshold (threshold-free areas only once)."""
+    metrics = {}
     for region in ("fov", "image"):
         suffix = "" if region == "fov" else "_image"
         for score, value in scores_at_threshold(histograms, region, 0.5).items():
-            metrics[f"test_{score}{suffix}"] = value
+            metrics[f"{prefix}_{score}{suffix}"] = value
         for score, value in scores_at_threshold(histograms, region, threshold).items():
-            if score != "auc":
-                metrics[f"test_{score}{suffix}_at_val_threshold"] = value
+            if score not in ("auc", "auc_pr"):
+                metrics[f"{prefix}_{score}{suffix}_at_val_threshold"] = value
+    return metrics
+
+
+def _photo_spread(
+    photo_scores: dict[str, dict[str, float]], key: str, prefix: str
+) -> dict[str, float]:
+    values = [scores[key] for scores in photo_scores.values()]
+    return {
+        f"{prefix}_photo_f1_mean": float(np.mean(values)),
+        f"{prefix}_photo_f1_std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+    }
+
+
+def _native_histograms(
+    dataset: FundusDataset,
+    names: list[str],
+    probabilities: torch.Tensor,
+    threshold: float,
+    photo_scores: dict[str, dict[str, float]],
+) -> VesselHistograms:
+    """Score at each photo's own size: the probabilities are resized back to it and
+    compared with the original label inside the original field-of-view mask."""
+    _, cases = find_cases(Path(dataset.source))
+    case_of = {case.name: case for case in cases}
+    histograms = VesselHistograms.empty()
+    for name, square in zip(names, probabilities, strict=True):
+        case = case_of.get(name)
+        if case is None:
+            raise DataError(f"{dataset.source}: photo {name!r} is no longer in the dataset")
+        label = read_grey(case.label) >= BINARY_THRESHOLD
+        height, width = label.shape
+        mask = (
+            read_grey(case.mask) >= BINARY_THRESHOLD
+            if case.mask is not None
+            else np.ones_like(label)
+        )
+        full = torch.from_numpy(to_photo_size(square[0].numpy(), width, height))
+        vessels, inside = torch.from_numpy(label), torch.from_numpy(mask)
+        photo = VesselHistograms.empty()
+        photo.add(full, vessels, inside)
+        photo_scores[name]["native_f1"] = scores_at_threshold(photo, "fov", threshold)["f1"]
+        histograms.merge(photo)
+    return histograms
+
+
+def score_test_predictions(
+    name: str,
+    settings: TrialSettings,
+    dataset: FundusDataset,
+    names: list[str],
+    test: PhotoTensors,
+    probabilities: torch.Tensor,
+    threshold: float,
+    native: bool = True,
+) -> tuple[dict[str, float], dict[str, dict], str, dict[str, dict[str, float]]]:
+    """Metrics, classification reports, their text, and per-photo F1 of test predictions.
+
+    Scores at the training resolution come from the resized labels and masks; with
+    ``native`` also at each photo's own size against its original label and mask.
+    """
+    histograms = VesselHistograms.empty()
+    photo_scores: dict[str, dict[str, float]] = {}
+    for index, photo_name in enumerate(names):
+        photo = VesselHistograms.empty()
+        part = slice(index, index + 1)
+        photo.add(probabilities[part], test.vessels[part], test.fields_of_view[part])
+        photo_scores[photo_name] = {"f1": scores_at_threshold(photo, "fov", threshold)["f1"]}
+        histograms.merge(photo)
+    metrics = _scores(histograms, "test", threshold) | _photo_spread(photo_scores, "f1", "test")
+    if native:
+        native_histograms = _native_histograms(
+            dataset, names, probabilities, threshold, photo_scores
+        )
+        metrics |= _scores(native_histograms, "test_native", threshold)
+        metrics |= _photo_spread(photo_scores, "native_f1", "test_native")
     metrics["test_threshold"] = threshold
+    metrics["test_time_flips"] = float(settings.test_time_flips)
 
     truth = test.vessels.numpy().astype(np.uint8).ravel()
     scores = probabilities.numpy().ravel()
@@ -113,8 +187,41 @@ def evaluate_run(record: TrialRecord, dataset: FundusDataset, tracking_uri: str)
         report = _region_report(region_truth, (region_scores >= 0.5).astype(np.uint8))
         auc = float(roc_auc_score(region_truth, region_scores))
         reports[region] = report | {"auc": auc}
-        texts.append(_format_report(f"{record.name}: test, {title}, threshold 0.5", report, auc))
+        texts.append(_format_report(f"{name}: test, {title}, threshold 0.5", report, auc))
+    return metrics, reports, "\n\n".join(texts), photo_scores
 
+
+def _test_predictions(
+    record: TrialRecord, dataset: FundusDataset, tracking_uri: str, settings: TrialSettings
+) -> tuple[list[str], PhotoTensors, torch.Tensor]:
+    model = load_logged_model(
+        tracking_uri, f"runs:/{record.run_id}/{MODEL_ARTIFACT}", f"run {record.run_id}"
+    )
+    names = test_split_names(dataset, settings)
+    cpu = torch.device("cpu")
+    test = PhotoTensors.from_dataset(dataset, dataset.index_of(names), cpu, settings)
+    return names, test, predict_probabilities(model, test.photos, settings)
+
+
+def evaluate_run(
+    record: TrialRecord,
+    dataset: FundusDataset,
+    tracking_uri: str,
+    test_time_flips: bool | None = None,
+    native: bool = True,
+) -> TestEvaluation:
+    """Predict the run's test photos with its final model and score them.
+
+    ``test_time_flips`` overrides the run's own choice of flip averaging.
+    """
+    settings = record.settings
+    if test_time_flips is not None:
+        settings = settings.model_copy(update={"test_time_flips": test_time_flips})
+    names, test, probabilities = _test_predictions(record, dataset, tracking_uri, settings)
+    threshold = float(record.metrics.get("best_val_threshold", 0.5))
+    metrics, reports, text, photo_scores = score_test_predictions(
+        record.name, settings, dataset, names, test, probabilities, threshold, native
+    )
     return TestEvaluation(
         run_id=record.run_id,
         name=record.name,
@@ -123,8 +230,89 @@ def evaluate_run(record: TrialRecord, dataset: FundusDataset, tracking_uri: str)
         threshold=threshold,
         metrics=metrics,
         reports=reports,
-        report_text="\n\n".join(texts),
+        report_text=text,
         preview=(test.photos[:4], test.vessels[:4], probabilities[:4]),
+        photo_scores=photo_scores,
+    )
+
+
+def ensemble_members(records: list[TrialRecord], metric: str, size: int) -> list[TrialRecord]:
+    """The ``size`` runs with the best validation ``metric`` among those that share the
+    test photos of the best run (its split), best first; never chosen by test results."""
+    ranked = sorted(
+        (r for r in records if r.has_final_model),
+        key=lambda r: (-r.metrics.get(metric, float("-inf")), r.name),
+    )
+    if not ranked:
+        raise RetinaError("no finished run with a final model to build an ensemble from")
+
+    def split_of(record: TrialRecord) -> tuple:
+        s = record.settings
+        if s.fixed_split:
+            return (s.train_photos, s.val_photos, s.test_photos)
+        return (s.split_seed, s.train_fraction, s.val_fraction, s.stratify)
+
+    same_split = [r for r in ranked if split_of(r) == split_of(ranked[0])]
+    return same_split[:size]
+
+
+def evaluate_ensemble(
+    members: list[TrialRecord],
+    dataset: FundusDataset,
+    tracking_uri: str,
+    test_time_flips: bool | None = None,
+    native: bool = True,
+) -> TestEvaluation:
+    """Average the test probabilities of runs that share a test split, and score that.
+
+    The threshold is the mean of the members' validation thresholds.
+    """
+    total = None
+    for record in members:
+        settings = record.settings
+        if test_time_flips is not None:
+            settings = settings.model_copy(update={"test_time_flips": test_time_flips})
+        names, test, probabilities = _test_predictions(record, dataset, tracking_uri, settings)
+        total = probabilities if total is None else total + probabilities
+    probabilities = total / len(members)
+    threshold = float(np.mean([r.metrics.get("best_val_threshold", 0.5) for r in members]))
+    name = f"ensemble of {len(members)}"
+    metrics, reports, text, photo_scores = score_test_predictions(
+        name, settings, dataset, names, test, probabilities, threshold, native
+    )
+    return TestEvaluation(
+        run_id=None,
+        name=name,
+        settings=settings,
+        test_photos=names,
+        threshold=threshold,
+        metrics=metrics,
+        reports=reports,
+        report_text=text,
+        preview=(test.photos[:4], test.vessels[:4], probabilities[:4]),
+        photo_scores=photo_scores,
+    )
+
+
+def record_ensemble(
+    client: MlflowClient, sweep_run_id: str, evaluation: TestEvaluation, members: list
+) -> None:
+    """Log an ensemble's test metrics and report to the sweep's parent run."""
+    recorder = RunRecorder(client, sweep_run_id)
+    recorder.log_metrics({f"ensemble_{key}": value for key, value in evaluation.metrics.items()})
+    recorder.log_text(
+        json.dumps(
+            {
+                "members": [{"run_id": r.run_id, "name": r.name} for r in members],
+                "threshold": evaluation.threshold,
+                "test_photos": evaluation.test_photos,
+                "metrics": evaluation.metrics,
+                "photo_scores": evaluation.photo_scores,
+                "reports": evaluation.reports,
+            },
+            indent=2,
+        ),
+        "ensemble_report.json",
     )
 
 
@@ -135,7 +323,12 @@ def record_evaluation(client: MlflowClient, evaluation: TestEvaluation) -> None:
     recorder.log_text(evaluation.report_text, "test_report.txt")
     recorder.log_text(
         json.dumps(
-            {"test_photos": evaluation.test_photos, "reports": evaluation.reports}, indent=2
+            {
+                "test_photos": evaluation.test_photos,
+                "photo_scores": evaluation.photo_scores,
+                "reports": evaluation.reports,
+            },
+            indent=2,
         ),
         "test_report.json",
     )

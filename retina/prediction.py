@@ -29,7 +29,7 @@ from retina.data.images import (
 )
 from retina.errors import DataError, TrackingError
 from retina.tracking import MODEL_ARTIFACT, connect, load_logged_model
-from retina.training import predict_probabilities
+from retina.training import model_input, predict_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -236,18 +236,26 @@ def read_field_of_view(photo_path: Path, photo: np.ndarray, mask_path: Path) -> 
 
 
 @torch.inference_mode()
-def vessel_probabilities(model: VesselModel, photo: np.ndarray) -> np.ndarray:
+def vessel_probabilities(
+    model: VesselModel, photo: np.ndarray, test_time_flips: bool | None = None
+) -> np.ndarray:
     """Vessel probabilities at the photo's own size, (H, W) float32 in [0, 1]."""
     height, width = photo.shape[:2]
     resolution = model.settings.resolution
     device = next(model.network.parameters()).device
     # The same steps as training's preprocessing: square resize, then scale to [0, 1].
-    resized = resize_photo(photo, resolution)
-    tensor = torch.from_numpy(np.array(resized)).to(device)
-    tensor = tensor.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
-    probabilities = predict_probabilities(model.network, tensor, model.settings)
-    square = probabilities[0, 0].float().cpu().numpy()
-    full = Image.fromarray(square).resize((width, height), Image.Resampling.BILINEAR)
+    resized = resize_photo(photo, resolution)[None]
+    tensor = model_input(resized, model.settings, device)
+    probabilities = predict_probabilities(model.network, tensor, model.settings, test_time_flips)
+    return to_photo_size(probabilities[0, 0].float().cpu().numpy(), width, height)
+
+
+def to_photo_size(square: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Probabilities predicted on the square model input, resized back to the photo's
+    own width and height (bilinear), as (H, W) float32 in [0, 1]."""
+    full = Image.fromarray(square.astype(np.float32)).resize(
+        (width, height), Image.Resampling.BILINEAR
+    )
     return np.clip(np.asarray(full), 0.0, 1.0)
 
 

@@ -10,10 +10,24 @@ from retina.errors import SweepFileError
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["quick.yaml", "hrf.yaml"])
-def test_shipped_sweep_files_are_valid(name):
+@pytest.mark.parametrize(
+    ("name", "trials"),
+    [("quick.yaml", 8), ("hrf.yaml", 126), ("hrf-cpu.yaml", 3), ("benchmark.yaml", 2)],
+)
+def test_shipped_sweep_files_are_valid(name, trials):
     spec = load_sweep_file(REPO / "sweeps" / name)
-    assert spec.grid_size() >= 8
+    assert spec.grid_size() == trials
+
+
+def test_benchmark_declares_the_15_30_protocol_by_photo_name():
+    spec = load_sweep_file(REPO / "sweeps" / "benchmark.yaml")
+    settings = TrialSettings.model_validate(spec.fixed)
+    training = settings.train_photos + settings.val_photos
+    assert len(training) == 15 and len(settings.test_photos) == 30
+    for category in ("dr", "g", "h"):
+        assert sorted(n for n in training if n.endswith(f"_{category}")) == [
+            f"{number:02d}_{category}" for number in range(1, 6)
+        ]
 
 
 def test_quick_sweep_has_at_least_8_trials_and_both_strategies():
@@ -38,6 +52,19 @@ def test_quick_sweep_has_at_least_8_trials_and_both_strategies():
         ("fixed: {epochs: 3}", "empty search space"),
         ("search: {optimizer: []}", "search.optimizer: empty list"),
         ("search: {resolution: [256, 512]}", "resolution must be fixed"),
+        (
+            "fixed: {train_photos: [a], val_photos: [b]}\nsearch: {seed: [0]}",
+            "fixed: test_photos is empty",
+        ),
+        (
+            "fixed: {train_photos: [a, b], val_photos: [b], test_photos: [c]}\nsearch: {seed: [0]}",
+            "photo 'b' is in both train_photos and val_photos",
+        ),
+        (
+            "fixed: {resolution: 64, channels: [8, 16], patch_size: 128}\nsearch: {seed: [0]}",
+            "patch_size 128 is larger than resolution 64",
+        ),
+        ("search: {preprocessing: [rgb, sepia]}", "search.preprocessing[1]: preprocessing"),
     ],
 )
 def test_bad_sweep_files_give_one_line_naming_file_and_key(tmp_path, text, message):
@@ -54,3 +81,19 @@ def test_settings_survive_a_round_trip_through_mlflow_params():
     settings = TrialSettings(channels=(8, 16, 32), resolution=64, optimizer="nadam")
     assert TrialSettings.from_params(settings.as_params()) == settings
     assert settings.run_name() == "nadam-lr1e-03-split0-retrain"
+
+
+def test_a_fixed_split_survives_a_round_trip_through_mlflow_params():
+    settings = TrialSettings(
+        channels=(8, 16, 32),
+        resolution=64,
+        train_photos=("01_dr", "01_g"),
+        val_photos=("02_h",),
+        test_photos=("03_dr", "03_g", "03_h"),
+        preprocessing="green_clahe",
+        patch_size=32,
+        test_time_flips=True,
+        seed=2,
+    )
+    assert TrialSettings.from_params(settings.as_params()) == settings
+    assert settings.run_name() == "adamw-lr1e-03-fixedsplit-retrain-seed2"
