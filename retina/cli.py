@@ -510,7 +510,7 @@ def _print_rankings(experiment, metric, runs, configurations) -> None:
 def _print_strategies(summary: dict, native: bool) -> None:
     table = Table(
         title="final-training strategies of the chosen configuration, on test photos inside "
-        "the field of view (mean ± std over split seeds)",
+        "the field of view (mean ± std over its runs: split seeds and weight seeds)",
         title_justify="left",
     )
     shown = {
@@ -596,7 +596,8 @@ def predict(
     s = vessel_model.settings
     console.print(
         f"model {vessel_model.source} (run {vessel_model.run_id}): photos resized to "
-        f"{s.resolution}x{s.resolution}, vessels at probability >= {vessel_model.threshold:.3f}",
+        f"{s.resolution}x{s.resolution}, vessels at probability >= {vessel_model.threshold:.3f}"
+        + (" (averaged over flips)" if s.test_time_flips else ""),
         highlight=False,
     )
     table = Table(title=f"{len(predictions)} photos segmented", title_justify="left")

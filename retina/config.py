@@ -24,6 +24,10 @@ Preprocessing = Literal["rgb", "green", "green_clahe"]
 PhotoNames = tuple[Annotated[str, Field(min_length=1)], ...]
 
 
+# Settings that vary between the runs of one configuration rather than define it.
+NOT_CONFIGURATION = frozenset({"split_seed", "seed", "strategy"})
+
+
 class TrialSettings(BaseModel):
     """Everything that decides how one trial trains: data, model, optimisation, strategy."""
 
@@ -139,12 +143,14 @@ class TrialSettings(BaseModel):
 
     @property
     def configuration_key(self) -> str:
-        """What a configuration is: every setting except the split seed and the strategy.
+        """What a configuration is: every setting except the split seed, the weight seed
+        and the strategy.
 
-        Runs that share this key differ only in their data split or final strategy, so
-        their phase-1 validation scores are samples of the same configuration.
+        Runs that share this key differ only in their data split, their random start or
+        their final strategy, so their phase-1 validation scores are samples of the same
+        configuration.
         """
-        fields = self.model_dump(exclude={"split_seed", "strategy"})
+        fields = self.model_dump(exclude=NOT_CONFIGURATION)
         return ";".join(f"{key}={value}" for key, value in sorted(fields.items()))
 
     def run_name(self) -> str:

@@ -1,9 +1,9 @@
 """Choose the best configuration of a sweep from validation results alone.
 
 Both final-training strategies consume the validation split, so validation cannot rank
-them. A configuration (every setting but the split seed and the strategy) is scored by
-its phase-1 validation metric, averaged first over the runs of one split seed and then
-over split seeds; the test split plays no part in the choice.
+them. A configuration (every setting but the split seed, the weight seed and the
+strategy) is scored by its phase-1 validation metric, averaged first over the runs of
+one split seed and then over split seeds; the test split plays no part in the choice.
 """
 
 import statistics
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from mlflow.tracking import MlflowClient
 
-from retina.config import TrialSettings
+from retina.config import NOT_CONFIGURATION, TrialSettings
 from retina.errors import TrackingError
 from retina.tracking import TAG_OUTCOME, TAG_PARENT, TAG_ROLE, find_experiment
 
@@ -135,4 +135,4 @@ def choose_configuration(scores: list[ConfigurationScore]) -> ConfigurationScore
 
 def describe(settings: TrialSettings) -> dict[str, object]:
     """The settings that tell configurations apart in tables and JSON."""
-    return settings.model_dump(exclude={"split_seed", "strategy"})
+    return settings.model_dump(exclude=NOT_CONFIGURATION)

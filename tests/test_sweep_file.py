@@ -97,3 +97,11 @@ def test_a_fixed_split_survives_a_round_trip_through_mlflow_params():
     )
     assert TrialSettings.from_params(settings.as_params()) == settings
     assert settings.run_name() == "adamw-lr1e-03-fixedsplit-retrain-seed2"
+
+
+def test_runs_that_differ_in_split_weight_seed_or_strategy_share_a_configuration():
+    base = TrialSettings(resolution=64, channels=(8, 16, 32))
+    for change in ({"split_seed": 2}, {"seed": 1}, {"strategy": "finetune"}):
+        assert base.model_copy(update=change).configuration_key == base.configuration_key
+    for change in ({"preprocessing": "green"}, {"patch_size": 32}, {"test_time_flips": True}):
+        assert base.model_copy(update=change).configuration_key != base.configuration_key
