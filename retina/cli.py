@@ -413,28 +413,16 @@ def _register_champion(name, records, evaluations, experiment, metric, uri) -> d
     }
 
 
-# The test scores summarised over split seeds, and printed as the strategies' table.
-SUMMARY_SCORES = (
-    "test_f1_at_val_threshold",
-    "test_native_f1_at_val_threshold",
-    "test_photo_f1_mean",
-    "test_mcc_at_val_threshold",
-    "test_auc",
-    "test_auc_pr",
-    "test_f1",
-    "test_f1_image",
-    "test_accuracy",
-)
-
-
 def _strategy_summary(records, evaluations) -> dict:
+    from retina.evaluation import HEADLINE_SCORES
+
     summary = {}
     for strategy in sorted({r.settings.strategy for r in records}):
         members = [
             evaluations[r.run_id].metrics for r in records if r.settings.strategy == strategy
         ]
         summary[strategy] = {"runs": len(members)}
-        for key in SUMMARY_SCORES:
+        for key in (*HEADLINE_SCORES, "test_accuracy"):
             values = [m[key] for m in members if key in m]
             if not values:
                 continue

@@ -56,6 +56,19 @@ class TestEvaluation:
     photo_scores: dict[str, dict[str, float]]  # photo -> F1 in the FOV at each resolution
 
 
+# The test scores the field compares, in the order tables show them.
+HEADLINE_SCORES = (
+    "test_f1_at_val_threshold",
+    "test_native_f1_at_val_threshold",
+    "test_photo_f1_mean",
+    "test_mcc_at_val_threshold",
+    "test_auc",
+    "test_auc_pr",
+    "test_f1",
+    "test_f1_image",
+)
+
+
 def test_split_names(dataset: FundusDataset, settings: TrialSettings) -> list[str]:
     return list(trial_split(dataset, settings).test)
 
@@ -191,40 +204,41 @@ def score_test_predictions(
     return metrics, reports, "\n\n".join(texts), photo_scores
 
 
-def _test_predictions(
-    record: TrialRecord, dataset: FundusDataset, tracking_uri: str, settings: TrialSettings
-) -> tuple[list[str], PhotoTensors, torch.Tensor]:
-    model = load_logged_model(
-        tracking_uri, f"runs:/{record.run_id}/{MODEL_ARTIFACT}", f"run {record.run_id}"
-    )
-    names = test_split_names(dataset, settings)
-    cpu = torch.device("cpu")
-    test = PhotoTensors.from_dataset(dataset, dataset.index_of(names), cpu, settings)
-    return names, test, predict_probabilities(model, test.photos, settings)
+def _with_flips(settings: TrialSettings, test_time_flips: bool | None) -> TrialSettings:
+    if test_time_flips is None:
+        return settings
+    return settings.model_copy(update={"test_time_flips": test_time_flips})
 
 
-def evaluate_run(
-    record: TrialRecord,
+def _evaluate(
+    members: list[TrialRecord],
+    name: str,
     dataset: FundusDataset,
     tracking_uri: str,
-    test_time_flips: bool | None = None,
-    native: bool = True,
+    test_time_flips: bool | None,
+    native: bool,
 ) -> TestEvaluation:
-    """Predict the run's test photos with its final model and score them.
-
-    ``test_time_flips`` overrides the run's own choice of flip averaging.
-    """
-    settings = record.settings
-    if test_time_flips is not None:
-        settings = settings.model_copy(update={"test_time_flips": test_time_flips})
-    names, test, probabilities = _test_predictions(record, dataset, tracking_uri, settings)
-    threshold = float(record.metrics.get("best_val_threshold", 0.5))
+    """Score the mean test probabilities of runs that share a test split (one run, or an
+    ensemble) at the mean of their validation thresholds."""
+    total = None
+    for record in members:
+        settings = _with_flips(record.settings, test_time_flips)
+        model = load_logged_model(
+            tracking_uri, f"runs:/{record.run_id}/{MODEL_ARTIFACT}", f"run {record.run_id}"
+        )
+        names = test_split_names(dataset, settings)
+        cpu = torch.device("cpu")
+        test = PhotoTensors.from_dataset(dataset, dataset.index_of(names), cpu, settings)
+        probabilities = predict_probabilities(model, test.photos, settings)
+        total = probabilities if total is None else total + probabilities
+    probabilities = total / len(members)
+    threshold = float(np.mean([r.metrics.get("best_val_threshold", 0.5) for r in members]))
     metrics, reports, text, photo_scores = score_test_predictions(
-        record.name, settings, dataset, names, test, probabilities, threshold, native
+        name, settings, dataset, names, test, probabilities, threshold, native
     )
     return TestEvaluation(
-        run_id=record.run_id,
-        name=record.name,
+        run_id=members[0].run_id if len(members) == 1 else None,
+        name=name,
         settings=settings,
         test_photos=names,
         threshold=threshold,
@@ -234,6 +248,18 @@ def evaluate_run(
         preview=(test.photos[:4], test.vessels[:4], probabilities[:4]),
         photo_scores=photo_scores,
     )
+
+
+def evaluate_run(
+    record: TrialRecord,
+    dataset: FundusDataset,
+    tracking_uri: str,
+    test_time_flips: bool | None = None,
+    native: bool = True,
+) -> TestEvaluation:
+    """Predict the run's test photos with its final model and score them at its
+    validation threshold; ``test_time_flips`` overrides the run's own choice."""
+    return _evaluate([record], record.name, dataset, tracking_uri, test_time_flips, native)
 
 
 def ensemble_members(records: list[TrialRecord], metric: str, size: int) -> list[TrialRecord]:
@@ -263,35 +289,10 @@ def evaluate_ensemble(
     test_time_flips: bool | None = None,
     native: bool = True,
 ) -> TestEvaluation:
-    """Average the test probabilities of runs that share a test split, and score that.
-
-    The threshold is the mean of the members' validation thresholds.
-    """
-    total = None
-    for record in members:
-        settings = record.settings
-        if test_time_flips is not None:
-            settings = settings.model_copy(update={"test_time_flips": test_time_flips})
-        names, test, probabilities = _test_predictions(record, dataset, tracking_uri, settings)
-        total = probabilities if total is None else total + probabilities
-    probabilities = total / len(members)
-    threshold = float(np.mean([r.metrics.get("best_val_threshold", 0.5) for r in members]))
+    """Average the test probabilities of runs that share a test split, and score that at
+    the mean of the members' validation thresholds."""
     name = f"ensemble of {len(members)}"
-    metrics, reports, text, photo_scores = score_test_predictions(
-        name, settings, dataset, names, test, probabilities, threshold, native
-    )
-    return TestEvaluation(
-        run_id=None,
-        name=name,
-        settings=settings,
-        test_photos=names,
-        threshold=threshold,
-        metrics=metrics,
-        reports=reports,
-        report_text=text,
-        preview=(test.photos[:4], test.vessels[:4], probabilities[:4]),
-        photo_scores=photo_scores,
-    )
+    return _evaluate(members, name, dataset, tracking_uri, test_time_flips, native)
 
 
 def record_ensemble(

@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from retina.evaluation import HEADLINE_SCORES
 from retina.prediction import CHAMPION_ALIAS
 from retina.selection import (
     ConfigurationScore,
@@ -39,16 +40,7 @@ METRIC = "best_val_f1"  # phase-1 validation F1 in the field of view: what selec
 REPORT_FOLDER = "report"  # artifact folder of the figures and page on the parent run
 CURVE_RUNS = 4  # learning curves drawn, best first
 CURVE_METRICS = ("val_f1", "train_loss", "val_loss")
-TEST_COLUMNS = (
-    "test_f1_at_val_threshold",
-    "test_native_f1_at_val_threshold",
-    "test_photo_f1_mean",
-    "test_mcc_at_val_threshold",
-    "test_auc",
-    "test_auc_pr",
-    "test_f1",
-    "test_f1_image",
-)
+TEST_COLUMNS = HEADLINE_SCORES
 
 
 @dataclass
