@@ -441,7 +441,8 @@ def _print_test_quality(evaluations, native: bool) -> None:
     )
     columns = ["run", "photos", "thr.", "F1", "F1 per photo"]
     columns += ["native F1", "native per photo"] if native else []
-    for column in (*columns, "MCC", "AUC", "AUC-PR"):
+    table.add_column(columns[0], overflow="fold")  # run names tell split and strategy apart
+    for column in (*columns[1:], "MCC", "AUC", "AUC-PR"):
         table.add_column(column)
 
     def spread(m, prefix):
