@@ -1,15 +1,19 @@
 """Scale out: a real two-node Ray cluster on 127.0.0.1 logging to a real `retina server`."""
 
+import contextlib
 import json
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -43,19 +47,46 @@ def _retina(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+def _stop_ray_processes_under(temp_dir: str) -> None:
+    """Stop the Ray processes of this test's cluster only (those whose command line names
+    its temp dir, and their children). `ray stop` would also stop every other Ray runtime
+    of the user on the machine, such as a sweep running beside the tests."""
+    ours = []
+    for process in psutil.process_iter(["cmdline"]):
+        if any(temp_dir in part for part in process.info["cmdline"] or []):
+            ours.append(process)
+            with contextlib.suppress(psutil.Error):
+                ours.extend(process.children(recursive=True))
+    for process in ours:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(ours, timeout=15)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+
+
 @pytest.fixture(scope="module")
 def two_node_cluster():
     """`ray start --head` and a second `ray start --address`, one CPU each."""
     port = _free_port()
     env = CLUSTER_ENV
-    common = ["--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
-    subprocess.run(
-        [RAY, "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
-        check=True,
-        capture_output=True,
-        env=env,
-    )
+    # A short folder of its own (Ray's socket paths must stay short), so that teardown
+    # can find this cluster's processes and no other's.
+    temp_dir = tempfile.mkdtemp(prefix="rtc", dir="/tmp")
+    common = [
+        "--num-cpus=1",
+        "--node-ip-address=127.0.0.1",
+        "--disable-usage-stats",
+        f"--temp-dir={temp_dir}",
+    ]
     try:
+        subprocess.run(
+            [RAY, "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
+            check=True,
+            capture_output=True,
+            env=env,
+        )
         subprocess.run(
             [RAY, "start", f"--address=127.0.0.1:{port}", *common],
             check=True,
@@ -64,7 +95,8 @@ def two_node_cluster():
         )
         yield f"127.0.0.1:{port}"
     finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env)
+        _stop_ray_processes_under(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture
