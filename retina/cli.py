@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import statistics
@@ -376,6 +377,7 @@ def _best(experiment, metric, top, evaluate, register, data_dir, uri, choices) -
             "threshold": combined.threshold,
             "test": combined.metrics,
             "test_photos": combined.test_photos,
+            "photo_scores": combined.photo_scores,
         }
         shown.append(combined)
     result["strategies"] = _strategy_summary(chosen.evaluable_runs, evaluations)
@@ -423,7 +425,7 @@ def _strategy_summary(records, evaluations) -> dict:
         ]
         summary[strategy] = {"runs": len(members)}
         for key in (*HEADLINE_SCORES, "test_accuracy"):
-            values = [m[key] for m in members if key in m]
+            values = [m[key] for m in members if not math.isnan(m.get(key, math.nan))]
             if not values:
                 continue
             summary[strategy][f"{key}_mean"] = statistics.fmean(values)

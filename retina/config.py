@@ -245,6 +245,16 @@ def _check_against_trial_settings(spec: SweepSpec, source: str) -> None:
                 )
     if not spec.search:
         raise SweepFileError(f"{source}: search: empty search space; give at least one axis")
+    for part in ("train_photos", "val_photos", "test_photos"):
+        if part in spec.search:
+            raise SweepFileError(
+                f"{source}: search.{part}: a fixed split is declared in fixed, not searched"
+            )
+    if spec.fixed.get("train_photos") and "split_seed" in spec.search:
+        raise SweepFileError(
+            f"{source}: search.split_seed: the fixed split (train_photos, val_photos, "
+            "test_photos) leaves nothing to a split seed; search seed for repeats instead"
+        )
     if "resolution" in spec.search:
         # Photos are preprocessed once per sweep and shared by every trial.
         raise SweepFileError(f"{source}: search.resolution: resolution must be fixed in a sweep")

@@ -185,6 +185,10 @@ def score_test_predictions(
         )
         metrics |= _scores(native_histograms, "test_native", threshold)
         metrics |= _photo_spread(photo_scores, "native_f1", "test_native")
+    else:
+        # Not scored this time: NaN replaces any native score of an earlier evaluation,
+        # so that a run never shows scores of two different evaluations side by side.
+        metrics |= {f"test_native_{key[5:]}": float("nan") for key in list(metrics)}
     metrics["test_threshold"] = threshold
     metrics["test_time_flips"] = float(settings.test_time_flips)
 
@@ -279,6 +283,15 @@ def ensemble_members(records: list[TrialRecord], metric: str, size: int) -> list
         return (s.split_seed, s.train_fraction, s.val_fraction, s.stratify)
 
     same_split = [r for r in ranked if split_of(r) == split_of(ranked[0])]
+    if len(same_split) < size:
+        log.warning(
+            "only %d finished runs share the test photos of the best run %s; the ensemble "
+            "has %d members, not %d",
+            len(same_split),
+            ranked[0].name,
+            len(same_split),
+            size,
+        )
     return same_split[:size]
 
 

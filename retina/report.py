@@ -11,6 +11,7 @@ import base64
 import html
 import io
 import logging
+import math
 import statistics
 import tempfile
 import urllib.parse
@@ -221,7 +222,7 @@ def strategy_verdict(evaluated: list[TrialRecord]) -> str:
         f"{strategy} {mean:.3f} ± {std:.3f} ({len(groups[strategy])} runs)"
         for strategy, (mean, std) in summary.items()
     ]
-    described = "Test F1 (field of view, threshold 0.5, mean ± std over split seeds): " + (
+    described = "Test F1 (field of view, threshold 0.5, mean ± std over runs): " + (
         "; ".join(parts)
     )
     if len(summary) < 2:
@@ -231,8 +232,8 @@ def strategy_verdict(evaluated: list[TrialRecord]) -> str:
     gap = summary[best][0] - summary[worst][0]
     if any(len(values) < 2 for values in groups.values()):
         return (
-            f"{described}. {best} leads {worst} by {gap:.3f}, but with a single split seed "
-            "per strategy the spread is unknown, so this does not show whether they differ."
+            f"{described}. {best} leads {worst} by {gap:.3f}, but with a single run per "
+            "strategy the spread is unknown, so this does not show whether they differ."
         )
     # The difference of two independent means varies by about the root of the summed
     # variances; a gap within that is what another draw of split seeds could reverse.
@@ -240,11 +241,11 @@ def strategy_verdict(evaluated: list[TrialRecord]) -> str:
     if gap <= spread:
         return (
             f"{described}. Yes, they were comparable: the gap of {gap:.3f} is within the "
-            f"spread over split seeds ({spread:.3f})."
+            f"spread over runs ({spread:.3f})."
         )
     return (
-        f"{described}. No: {best} was better by {gap:.3f}, more than the spread over split "
-        f"seeds ({spread:.3f})."
+        f"{described}. No: {best} was better by {gap:.3f}, more than the spread over runs "
+        f"({spread:.3f})."
     )
 
 
@@ -385,7 +386,7 @@ def _without_password(uri: str) -> str:
 
 
 def _number(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
+    return "-" if value is None or math.isnan(value) else f"{value:.4f}"
 
 
 STYLE = """

@@ -117,3 +117,16 @@ def test_the_ensemble_of_both_seeds_is_scored_and_logged_to_the_sweep_run(evalua
         report["metrics"]["test_f1_at_val_threshold"]
     )
     assert 0 <= logged["ensemble_test_native_f1_at_val_threshold"] <= 1
+
+
+def test_evaluating_again_without_native_scores_leaves_no_stale_native_score(evaluated):
+    client, _, work = evaluated
+    uri = client.tracking_uri
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    again = run_retina("best", "--evaluate", "--no-native", "--no-tta", "--json", cwd=work, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for run in _runs(client, "trial"):
+        metrics = run.data.metrics
+        if "test_f1" in metrics:
+            assert metrics["test_time_flips"] == 0.0
+            assert np.isnan(metrics["test_native_f1_at_val_threshold"])

@@ -65,6 +65,12 @@ def test_quick_sweep_has_at_least_8_trials_and_both_strategies():
             "patch_size 128 is larger than resolution 64",
         ),
         ("search: {preprocessing: [rgb, sepia]}", "search.preprocessing[1]: preprocessing"),
+        (
+            "fixed: {train_photos: [a], val_photos: [b], test_photos: [c]}\n"
+            "search: {split_seed: [0, 1]}",
+            "search.split_seed: the fixed split",
+        ),
+        ("search: {test_photos: [[a], [b]]}", "search.test_photos: a fixed split is declared"),
     ],
 )
 def test_bad_sweep_files_give_one_line_naming_file_and_key(tmp_path, text, message):
