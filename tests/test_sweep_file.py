@@ -12,7 +12,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize(
     ("name", "trials"),
-    [("quick.yaml", 8), ("hrf.yaml", 126), ("hrf-cpu.yaml", 3), ("benchmark.yaml", 2)],
+    [
+        ("quick.yaml", 8),
+        ("hrf.yaml", 126),
+        ("hrf-cpu.yaml", 3),
+        ("hrf-cpu-clahe.yaml", 3),
+        ("benchmark.yaml", 2),
+    ],
 )
 def test_shipped_sweep_files_are_valid(name, trials):
     spec = load_sweep_file(REPO / "sweeps" / name)
