@@ -81,14 +81,16 @@ def test_bad_sweep_file_is_refused_in_one_line(tmp_path, hrf_dir):
 def test_a_fixed_split_naming_a_missing_photo_is_refused_in_one_line(tmp_path, hrf_dir):
     sweep = tmp_path / "fixed.yaml"
     sweep.write_text(
-        TINY.read_text().replace(
+        TINY.read_text()
+        .replace(
             "fixed:\n",
             "fixed:\n  train_photos: [01_dr, 01_g]\n  val_photos: [02_dr]\n"
             "  test_photos: [03_dr, 16_dr]\n",
         )
+        .replace("split_seed: [0, 1]", "seed: [0, 1]")
     )
     result = _sweep(hrf_dir, tmp_path, sweep)
-    _assert_refused(result, "test_photos: no photo named '16_dr'", tmp_path)
+    _assert_refused(result, f"{sweep}: fixed.test_photos: no photo named '16_dr'", tmp_path)
 
 
 def test_evaluate_without_a_model_artifact_names_the_run(tmp_path):

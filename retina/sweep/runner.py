@@ -21,7 +21,7 @@ from rich.console import Console
 import retina
 from retina.config import LogUniform, SweepSpec, TrialSettings, Uniform
 from retina.data.dataset import FundusDataset
-from retina.errors import RetinaError, TrackingError
+from retina.errors import DataError, RetinaError, TrackingError
 from retina.sweep.monitor import RunFinisher, SweepProgress
 from retina.sweep.trial import SCHEDULER_TIME, SweepContext, run_trial
 from retina.tracking import (
@@ -207,12 +207,16 @@ def _trial_resources(cpus: float, gpus: float, workers: int):
     return tune.PlacementGroupFactory([bundle] * workers)
 
 
-def check_splits(spec: SweepSpec, dataset: FundusDataset) -> None:
+def check_splits(spec: SweepSpec, dataset: FundusDataset, source: Path) -> None:
     """Split the data for every split seed of the sweep now, not in a failing trial."""
     fixed = TrialSettings.model_validate(spec.fixed)
     seeds = spec.search.get("split_seed", [fixed.split_seed])
     for seed in seeds if isinstance(seeds, list) else [fixed.split_seed]:
-        trial_split(dataset, fixed.model_copy(update={"split_seed": seed}))
+        try:
+            trial_split(dataset, fixed.model_copy(update={"split_seed": seed}))
+        except DataError as error:
+            where = f"{source}: fixed." if fixed.fixed_split else ""
+            raise DataError(f"{where}{error}") from None
 
 
 def run_sweep(
@@ -232,7 +236,7 @@ def run_sweep(
     if gpus > 1:
         workers = max(workers, math.ceil(gpus))
 
-    check_splits(request.spec, dataset)
+    check_splits(request.spec, dataset, request.sweep_file)
     start_ray(request.address)
     check_cluster_storage(request)
     client, experiment_id, parent_run_id = _open_parent_run(request, dataset)
