@@ -349,10 +349,12 @@ def _best(experiment, metric, top, evaluate, register, data_dir, uri, choices) -
     if recorded.get("data_fingerprint") not in (None, dataset.fingerprint):
         log.warning("the data differ from the sweep's (fingerprint); splits follow photo names")
 
-    evaluations = {}
+    evaluations, store = {}, {}
     for record in chosen.evaluable_runs:
         log.info("evaluating %s on its test photos", record.name)
-        evaluation = evaluate_run(record, dataset, uri, choices.test_time_flips, choices.native)
+        evaluation = evaluate_run(
+            record, dataset, uri, choices.test_time_flips, choices.native, store
+        )
         record_evaluation(client, evaluation)
         evaluations[record.run_id] = evaluation
         if not quiet:
@@ -369,7 +371,9 @@ def _best(experiment, metric, top, evaluate, register, data_dir, uri, choices) -
     if choices.ensemble:
         members = ensemble_members(records, metric, choices.ensemble)
         log.info("evaluating the ensemble of %s", ", ".join(r.name for r in members))
-        combined = evaluate_ensemble(members, dataset, uri, choices.test_time_flips, choices.native)
+        combined = evaluate_ensemble(
+            members, dataset, uri, choices.test_time_flips, choices.native, store
+        )
         if sweep_run is not None:
             record_ensemble(client, sweep_run.info.run_id, combined, members)
         result["ensemble"] = {
@@ -569,7 +573,7 @@ def predict(
         uri = _tracking_uri(tracking_uri)
         vessel_model = load_vessel_model(uri, run_id=run, model=model)
         if tta is not None:
-            flipped = vessel_model.settings.model_copy(update={"test_time_flips": tta})
+            flipped = vessel_model.settings.with_test_time_flips(tta)
             vessel_model = dataclasses.replace(vessel_model, settings=flipped)
         columns = (TextColumn("segmenting photos"), BarColumn(), MofNCompleteColumn())
         with Progress(*columns, TimeElapsedColumn(), console=errors, transient=True) as progress:

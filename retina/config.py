@@ -142,6 +142,15 @@ class TrialSettings(BaseModel):
         return 3 if self.preprocessing == "rgb" else 1
 
     @property
+    def crops_per_photo(self) -> int:
+        """Training samples drawn from each photo per epoch: its patches, or itself."""
+        return self.patches_per_photo if self.patch_size else 1
+
+    def with_test_time_flips(self, choice: bool | None) -> "TrialSettings":
+        """These settings with flip averaging set as chosen; ``None`` keeps their own."""
+        return self if choice is None else self.model_copy(update={"test_time_flips": choice})
+
+    @property
     def configuration_key(self) -> str:
         """What a configuration is: every setting except the split seed, the weight seed
         and the strategy.

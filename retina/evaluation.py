@@ -208,10 +208,30 @@ def score_test_predictions(
     return metrics, reports, "\n\n".join(texts), photo_scores
 
 
-def _with_flips(settings: TrialSettings, test_time_flips: bool | None) -> TrialSettings:
-    if test_time_flips is None:
-        return settings
-    return settings.model_copy(update={"test_time_flips": test_time_flips})
+# A run's test predictions under one choice of flip averaging: the photo names, their
+# tensors and the probabilities. `retina best --evaluate --ensemble K` shares one such
+# store between the runs it evaluates and the ensemble, so no model predicts twice.
+TestPredictions = tuple[list[str], PhotoTensors, torch.Tensor]
+PredictionStore = dict[tuple[str, bool], TestPredictions]
+
+
+def _test_predictions(
+    record: TrialRecord,
+    settings: TrialSettings,
+    dataset: FundusDataset,
+    tracking_uri: str,
+    store: PredictionStore,
+) -> TestPredictions:
+    key = (record.run_id, settings.test_time_flips)
+    if key not in store:
+        model = load_logged_model(
+            tracking_uri, f"runs:/{record.run_id}/{MODEL_ARTIFACT}", f"run {record.run_id}"
+        )
+        names = test_split_names(dataset, settings)
+        cpu = torch.device("cpu")
+        test = PhotoTensors.from_dataset(dataset, dataset.index_of(names), cpu, settings)
+        store[key] = (names, test, predict_probabilities(model, test.photos, settings))
+    return store[key]
 
 
 def _evaluate(
@@ -221,19 +241,17 @@ def _evaluate(
     tracking_uri: str,
     test_time_flips: bool | None,
     native: bool,
+    store: PredictionStore | None,
 ) -> TestEvaluation:
     """Score the mean test probabilities of runs that share a test split (one run, or an
     ensemble) at the mean of their validation thresholds."""
+    store = {} if store is None else store
     total = None
     for record in members:
-        settings = _with_flips(record.settings, test_time_flips)
-        model = load_logged_model(
-            tracking_uri, f"runs:/{record.run_id}/{MODEL_ARTIFACT}", f"run {record.run_id}"
+        settings = record.settings.with_test_time_flips(test_time_flips)
+        names, test, probabilities = _test_predictions(
+            record, settings, dataset, tracking_uri, store
         )
-        names = test_split_names(dataset, settings)
-        cpu = torch.device("cpu")
-        test = PhotoTensors.from_dataset(dataset, dataset.index_of(names), cpu, settings)
-        probabilities = predict_probabilities(model, test.photos, settings)
         total = probabilities if total is None else total + probabilities
     probabilities = total / len(members)
     threshold = float(np.mean([r.metrics.get("best_val_threshold", 0.5) for r in members]))
@@ -260,10 +278,11 @@ def evaluate_run(
     tracking_uri: str,
     test_time_flips: bool | None = None,
     native: bool = True,
+    store: PredictionStore | None = None,
 ) -> TestEvaluation:
     """Predict the run's test photos with its final model and score them at its
     validation threshold; ``test_time_flips`` overrides the run's own choice."""
-    return _evaluate([record], record.name, dataset, tracking_uri, test_time_flips, native)
+    return _evaluate([record], record.name, dataset, tracking_uri, test_time_flips, native, store)
 
 
 def ensemble_members(records: list[TrialRecord], metric: str, size: int) -> list[TrialRecord]:
@@ -301,11 +320,12 @@ def evaluate_ensemble(
     tracking_uri: str,
     test_time_flips: bool | None = None,
     native: bool = True,
+    store: PredictionStore | None = None,
 ) -> TestEvaluation:
     """Average the test probabilities of runs that share a test split, and score that at
     the mean of the members' validation thresholds."""
     name = f"ensemble of {len(members)}"
-    return _evaluate(members, name, dataset, tracking_uri, test_time_flips, native)
+    return _evaluate(members, name, dataset, tracking_uri, test_time_flips, native, store)
 
 
 def record_ensemble(

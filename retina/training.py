@@ -268,8 +268,8 @@ def train_one_epoch(
     """One pass over ``data`` in a seeded random order; returns the mean loss."""
     model.train()
     device = data.photos.device
-    crops = settings.patches_per_photo if settings.patch_size else 1
-    order = torch.randperm(len(data) * crops, generator=augmenter.generator) % len(data)
+    samples = len(data) * settings.crops_per_photo
+    order = torch.randperm(samples, generator=augmenter.generator) % len(data)
     order = parallel.shard(order).to(device)
     total, seen = 0.0, 0
     for start in range(0, len(order), settings.batch_size):
@@ -437,8 +437,8 @@ class TrainingRun:
             model.load_state_dict(weights)
         optimizer = build_optimizer(settings, model.parameters(), learning_rate)
         schedule_settings = settings.model_copy(update={"lr_schedule": "constant"})
-        crops = photos * (settings.patches_per_photo if settings.patch_size else 1)
-        steps_per_epoch = math.ceil(math.ceil(crops / parallel.world) / settings.batch_size)
+        samples = photos * settings.crops_per_photo
+        steps_per_epoch = math.ceil(math.ceil(samples / parallel.world) / settings.batch_size)
         lr_schedule = build_lr_schedule(
             schedule_settings if constant_lr else settings, optimizer, epochs, steps_per_epoch
         )
