@@ -397,10 +397,22 @@ class PhaseOneProgress:
     best_metrics: dict[str, float] = field(default_factory=dict)
     best_weights: dict[str, torch.Tensor] | None = None
     history: list[dict[str, float]] = field(default_factory=list)
+    finished: bool = False  # phase 1 has ended (all epochs run, or stopped early)
 
     @property
     def epochs_since_best(self) -> int:
         return self.epochs_done - self.best_epoch
+
+
+@dataclass
+class ResumePoint:
+    """Where an interrupted trial carries on: inside phase 1 (its progress and the live
+    state of its training run), or inside phase 2 once phase 1 has finished."""
+
+    progress: PhaseOneProgress
+    phase_one_run: dict | None = None
+    phase_two_epochs: int = 0
+    phase_two_run: dict | None = None
 
 
 @dataclass
@@ -488,6 +500,8 @@ class TrainingRun:
 
 
 EpochCallback = Callable[[dict[str, float], PhaseOneProgress, TrainingRun], None]
+# Phase 2 calls back with the epoch just trained (1-based), its training loss and the run.
+FinalEpochCallback = Callable[[int, float, TrainingRun], None]
 
 
 def run_phase_one(
@@ -496,7 +510,7 @@ def run_phase_one(
     val: PhotoTensors,
     device: torch.device,
     on_epoch: EpochCallback,
-    resume_from: tuple[PhaseOneProgress, dict] | None = None,
+    resume_from: ResumePoint | None = None,
     parallel: DataParallel = SINGLE_PROCESS,
 ) -> PhaseOneProgress:
     """Train on the train split, validate each epoch, keep the best weights by val F1.
@@ -504,12 +518,14 @@ def run_phase_one(
     Stops after ``settings.epochs`` epochs, or earlier once ``settings.patience`` epochs
     pass without a better validation F1.
     """
+    if resume_from is not None and resume_from.progress.finished:
+        return resume_from.progress
     loss_fn = build_loss(settings)
     run = TrainingRun.start(settings, device, settings.epochs, len(train), parallel)
     progress = PhaseOneProgress()
     if resume_from is not None:
-        progress, run_state = resume_from
-        run.restore(run_state)
+        progress = resume_from.progress
+        run.restore(resume_from.phase_one_run)
         log.info("phase 1 resumes after epoch %d", progress.epochs_done)
 
     while progress.epochs_done < settings.epochs:
@@ -538,7 +554,16 @@ def run_phase_one(
             }
         progress.history.append(metrics)
         on_epoch(metrics, progress, run)
+    progress.finished = True
     return progress
+
+
+def final_training_epochs(settings: TrialSettings, progress: PhaseOneProgress) -> int:
+    """Phase 2's length: retraining repeats phase 1's best epoch count, fine-tuning runs
+    its own; ``none`` trains nothing."""
+    if settings.strategy == "retrain":
+        return max(1, progress.best_epoch)
+    return settings.finetune_epochs if settings.strategy == "finetune" else 0
 
 
 def run_final_training(
@@ -547,10 +572,12 @@ def run_final_training(
     val: PhotoTensors,
     device: torch.device,
     progress: PhaseOneProgress,
-    on_epoch: Callable[[int, float], None] = lambda epoch, loss: None,
+    on_epoch: FinalEpochCallback = lambda epoch, loss, run: None,
     parallel: DataParallel = SINGLE_PROCESS,
+    resume_from: ResumePoint | None = None,
 ) -> nn.Module:
-    """Phase 2: produce the final model by the settings' final-training strategy."""
+    """Phase 2: produce the final model by the settings' final-training strategy,
+    carrying on after the last epoch of ``resume_from`` when it holds a phase-2 state."""
     if settings.strategy == "none":
         model = prepare_model(settings, device)
         model.load_state_dict(progress.best_weights)
@@ -558,15 +585,14 @@ def run_final_training(
 
     # A fresh seed for phase 2's augmentation, so retraining does not replay phase 1.
     phase_two_seed = settings.seed + 1
+    epochs = final_training_epochs(settings, progress)
     if settings.strategy == "retrain":
         data = train.join(val)
-        epochs = max(1, progress.best_epoch)
         run = TrainingRun.start(
             settings, device, epochs, len(data), parallel, augmentation_seed=phase_two_seed
         )
     else:
         data = val
-        epochs = settings.finetune_epochs
         run = TrainingRun.start(
             settings,
             device,
@@ -578,7 +604,12 @@ def run_final_training(
             constant_lr=True,
             augmentation_seed=phase_two_seed,
         )
+    first_epoch = 1
+    if resume_from is not None and resume_from.phase_two_run is not None:
+        run.restore(resume_from.phase_two_run)
+        first_epoch = resume_from.phase_two_epochs + 1
+        log.info("phase 2 (%s) resumes after epoch %d", settings.strategy, first_epoch - 1)
     loss_fn = build_loss(settings)
-    for epoch in range(1, epochs + 1):
-        on_epoch(epoch, run.train_epoch(data, loss_fn, settings, parallel))
+    for epoch in range(first_epoch, epochs + 1):
+        on_epoch(epoch, run.train_epoch(data, loss_fn, settings, parallel), run)
     return run.model

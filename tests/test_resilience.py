@@ -146,3 +146,32 @@ def test_crashed_trial_is_retried_from_its_checkpoint_in_the_same_run(tmp_path, 
     # Resumed from its last checkpoint: at most the epoch under way when it died runs
     # twice; a restart from scratch would log every epoch before the crash again.
     assert len(history) <= 9
+
+
+def test_trial_crashed_in_final_training_carries_on_from_its_last_epoch(tmp_path, hrf_dir):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+    driver = _start_sweep("retried-final.yaml", hrf_dir, tmp_path)
+
+    def in_final_training() -> bool:
+        runs = _trial_runs(client, "retried-final")
+        return (
+            bool(runs)
+            and len(client.get_metric_history(runs[0].info.run_id, "final_train_loss")) >= 3
+        )
+
+    _wait_until(in_final_training, 240, driver)
+    worker = int(_trial_runs(client, "retried-final")[0].data.tags["retina.pid"])
+    os.kill(worker, signal.SIGKILL)
+    _, stderr = driver.communicate(timeout=600)
+    assert driver.returncode == 0, stderr[-3000:]
+
+    (run,) = _trial_runs(client, "retried-final")
+    assert run.data.tags["retina.outcome"] == "finished"
+    assert int(run.data.tags["retina.pid"]) != worker
+    # Phase 1 was not trained again: its three epochs appear once each.
+    assert len(client.get_metric_history(run.info.run_id, "val_f1")) == 3
+    final = client.get_metric_history(run.info.run_id, "final_train_loss")
+    assert {m.step for m in final} == set(range(1, 41))
+    # At most the epoch under way at the crash runs twice; phase 2 from its start would
+    # log every epoch before the crash again.
+    assert len(final) <= 41

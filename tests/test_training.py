@@ -1,5 +1,7 @@
 """Both final-training strategies and divergence, on real HRF photos at 64x64."""
 
+import copy
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from retina.model import build_lr_schedule, build_optimizer, build_plateau_sched
 from retina.training import (
     BatchAugmenter,
     DivergedError,
+    ResumePoint,
     TrainingRun,
     predict_probabilities,
     random_patches,
@@ -49,13 +52,39 @@ def test_final_strategies_produce_a_model(hrf_64, strategy):
     train, val, progress, _ = _phase_one(settings, hrf_64)
     seen = []
     model = run_final_training(
-        settings, train, val, torch.device("cpu"), progress, lambda e, loss: seen.append(e)
+        settings, train, val, torch.device("cpu"), progress, lambda e, loss, run: seen.append(e)
     )
     expected_epochs = {"retrain": progress.best_epoch, "finetune": 2, "none": 0}[strategy]
     assert len(seen) == expected_epochs
     phase_one = {k: v for k, v in progress.best_weights.items()}
     changed = any(not torch.equal(v, phase_one[k]) for k, v in model.state_dict().items())
     assert changed == (strategy != "none")
+
+
+def test_final_training_resumed_after_an_epoch_ends_where_an_unbroken_one_does(hrf_64):
+    settings = TrialSettings(**SMALL, learning_rate=0.01, strategy="finetune", finetune_epochs=4)
+    train, val, progress, _ = _phase_one(settings, hrf_64)
+    saved = {}
+
+    def keep_second_epoch(epoch, loss, run):
+        if epoch == 2:
+            saved["state"] = copy.deepcopy(run.state())
+
+    cpu = torch.device("cpu")
+    unbroken = run_final_training(settings, train, val, cpu, progress, keep_second_epoch)
+    resumed_epochs = []
+    resumed = run_final_training(
+        settings,
+        train,
+        val,
+        cpu,
+        progress,
+        lambda e, loss, run: resumed_epochs.append(e),
+        resume_from=ResumePoint(progress, phase_two_epochs=2, phase_two_run=saved["state"]),
+    )
+    assert resumed_epochs == [3, 4]
+    for key, value in unbroken.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value)
 
 
 def test_a_learning_rate_far_too_high_diverges(hrf_64):

@@ -21,7 +21,7 @@ from retina.config import TrialSettings
 from retina.data.dataset import FundusDataset
 from retina.training import (
     DataParallel,
-    PhaseOneProgress,
+    ResumePoint,
     run_final_training,
     run_phase_one,
     split_tensors,
@@ -65,7 +65,7 @@ def train_shard(
     config: dict,
     threads: int,
     dataset: FundusDataset,
-    resume_from: tuple[PhaseOneProgress, dict] | None,
+    resume_from: ResumePoint | None,
 ) -> None:
     """What workers 1..n-1 do: both phases on their shards, reporting nothing."""
     settings = TrialSettings.model_validate(config)
@@ -77,7 +77,9 @@ def train_shard(
         progress = run_phase_one(
             settings, train, val, device, lambda *_: None, resume_from, parallel
         )
-        run_final_training(settings, train, val, device, progress, parallel=parallel)
+        run_final_training(
+            settings, train, val, device, progress, parallel=parallel, resume_from=resume_from
+        )
     finally:
         torch.distributed.destroy_process_group()
 
@@ -97,7 +99,7 @@ def start_shard_workers(
     cpus: float,
     gpus: float,
     dataset: FundusDataset,
-    resume_from: tuple[PhaseOneProgress, dict] | None,
+    resume_from: ResumePoint | None,
 ) -> list[ray.ObjectRef]:
     """Start workers 1..world-1 in the trial's placement group; returns their futures."""
     group = get_current_placement_group()

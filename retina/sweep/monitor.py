@@ -89,6 +89,23 @@ class TrialRow:
     best_val_f1: float | None = None
     outcome: str = ""
     settings: TrialSettings | None = None
+    final_epoch: int = 0  # phase 2 (retrain or fine-tune): epochs done of final_epochs
+    final_epochs: int = 0
+
+    @property
+    def state(self) -> str:
+        """What the trial is doing, for the table and the log."""
+        if self.outcome or self.status != "RUNNING":
+            return self.outcome or self.status.lower()
+        if self.final_epochs:
+            return f"{self.settings.strategy} {self.final_epoch}/{self.final_epochs}"
+        return "running"
+
+    @property
+    def summary(self) -> str:
+        if self.final_epochs:
+            return f"{self.name} {self.state}"
+        return f"{self.name} epoch {self.epoch} val F1 {_score(self.val_f1)}"
 
 
 class SweepProgress(Callback):
@@ -120,7 +137,7 @@ class SweepProgress(Callback):
                 f"{settings.learning_rate:.1e}",
                 str(settings.split_seed),
                 settings.strategy,
-                row.outcome or row.status.lower(),
+                row.state,
                 str(row.epoch),
                 _score(row.val_f1),
                 _score(row.best_val_f1),
@@ -163,6 +180,9 @@ class SweepProgress(Callback):
         if "epoch" in result:
             row.epoch = result["epoch"]
             row.val_f1 = result["val_f1"]
+        elif "final_epoch" in result:
+            row.final_epoch = result["final_epoch"]
+            row.final_epochs = result["final_epochs"]
         else:
             row.status = "FINAL"
         row.best_val_f1 = result.get("best_val_f1", row.best_val_f1)
@@ -176,7 +196,7 @@ class SweepProgress(Callback):
                 "%d trials done, %d running: %s",
                 done,
                 len(running),
-                "; ".join(f"{r.name} epoch {r.epoch} val F1 {_score(r.val_f1)}" for r in running),
+                "; ".join(r.summary for r in running),
             )
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:

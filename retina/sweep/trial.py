@@ -1,9 +1,9 @@
 """One Ray Tune trial: phase 1, the final-training strategy, and its MLflow run.
 
 The trial owns its MLflow run from creation to its final status. It reports every
-phase-1 epoch to Tune with a checkpoint holding everything needed to continue (weights,
-optimizer, schedule, augmentation state, the best epoch so far) and the MLflow run id,
-so that a resumed or retried trial carries on in the same run.
+epoch of both phases to Tune with a checkpoint holding everything needed to continue
+(weights, optimizer, schedule, augmentation state, the best epoch so far) and the MLflow
+run id, so that a resumed or retried trial carries on in the same run and the same phase.
 """
 
 import logging
@@ -45,7 +45,9 @@ from retina.training import (
     DivergedError,
     PhaseOneProgress,
     PhotoTensors,
+    ResumePoint,
     TrainingRun,
+    final_training_epochs,
     predict_probabilities,
     run_final_training,
     run_phase_one,
@@ -105,13 +107,19 @@ def _open_run(context: SweepContext, settings: TrialSettings, trial_id: str) -> 
     return recorder
 
 
-def _restore() -> tuple[PhaseOneProgress, dict] | None:
+def _restore() -> ResumePoint | None:
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:
-        state = torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=False)
-    return state["progress"], state["run"]
+        return torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=False)
+
+
+def _report(result: dict, point: ResumePoint) -> None:
+    """One Tune result with a checkpoint to carry on from."""
+    with tempfile.TemporaryDirectory() as folder:
+        torch.save(point, Path(folder) / CHECKPOINT_FILE)
+        tune.report(result, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
 def run_trial(config: dict, context: SweepContext, dataset: FundusDataset) -> None:
@@ -147,16 +155,9 @@ def run_trial(config: dict, context: SweepContext, dataset: FundusDataset) -> No
             parallel = join_process_group(0, context.workers_per_trial, address, device)
         train, val = split_tensors(dataset, settings, device)
         progress = _phase_one(settings, train, val, device, recorder, resume_from, parallel)
-        _log_phase_one_figures(settings, val, device, progress, recorder)
-        model = run_final_training(
-            settings,
-            train,
-            val,
-            device,
-            progress,
-            on_epoch=lambda epoch, loss: recorder.log_metrics({"final_train_loss": loss}, epoch),
-            parallel=parallel,
-        )
+        if resume_from is None or resume_from.phase_two_run is None:
+            _log_phase_one_figures(settings, val, device, progress, recorder)
+        model = _phase_two(settings, train, val, device, progress, recorder, resume_from, parallel)
         ray.get(shard_workers)
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(device) / 2**20
@@ -190,7 +191,7 @@ def _phase_one(
     val: PhotoTensors,
     device: torch.device,
     recorder: RunRecorder,
-    resume_from: tuple[PhaseOneProgress, dict] | None,
+    resume_from: ResumePoint | None,
     parallel: DataParallel,
 ) -> PhaseOneProgress:
     """Phase 1 with a Tune report, MLflow metrics and a checkpoint after every epoch."""
@@ -202,21 +203,49 @@ def _phase_one(
             best = {f"best_{key}": value for key, value in progress.best_metrics.items()}
             best |= {"best_epoch": epoch, "best_val_threshold": progress.best_threshold}
             recorder.log_metrics(best, step=epoch)
-        with tempfile.TemporaryDirectory() as folder:
-            torch.save({"progress": progress, "run": run.state()}, Path(folder) / CHECKPOINT_FILE)
-            tune.report(
-                {
-                    SCHEDULER_TIME: epoch,
-                    "val_f1": metrics["val_f1"],
-                    "val_loss": metrics["val_loss"],
-                    "train_loss": metrics["train_loss"],
-                    "best_val_f1": progress.best_f1,
-                    "mlflow_run_id": recorder.run_id,
-                },
-                checkpoint=tune.Checkpoint.from_directory(folder),
-            )
+        result = {
+            SCHEDULER_TIME: epoch,
+            "val_f1": metrics["val_f1"],
+            "val_loss": metrics["val_loss"],
+            "train_loss": metrics["train_loss"],
+            "best_val_f1": progress.best_f1,
+            "mlflow_run_id": recorder.run_id,
+        }
+        _report(result, ResumePoint(progress, phase_one_run=run.state()))
 
     return run_phase_one(settings, train, val, device, on_epoch, resume_from, parallel)
+
+
+def _phase_two(
+    settings: TrialSettings,
+    train: PhotoTensors,
+    val: PhotoTensors,
+    device: torch.device,
+    progress: PhaseOneProgress,
+    recorder: RunRecorder,
+    resume_from: ResumePoint | None,
+    parallel: DataParallel,
+) -> torch.nn.Module:
+    """The final training with an MLflow metric, a Tune report and a checkpoint after
+    every epoch; its results carry the phase-1 best as val_f1, which Tune requires in
+    every result, and no scheduler time, so that ASHA leaves the trial alone."""
+    epochs = final_training_epochs(settings, progress)
+
+    def on_epoch(epoch: int, loss: float, run: TrainingRun) -> None:
+        recorder.log_metrics({"final_train_loss": loss}, epoch)
+        result = {
+            "final_epoch": epoch,
+            "final_epochs": epochs,
+            "final_train_loss": loss,
+            "val_f1": progress.best_f1,
+            "best_val_f1": progress.best_f1,
+            "mlflow_run_id": recorder.run_id,
+        }
+        _report(result, ResumePoint(progress, phase_two_epochs=epoch, phase_two_run=run.state()))
+
+    return run_final_training(
+        settings, train, val, device, progress, on_epoch, parallel, resume_from
+    )
 
 
 def _log_phase_one_figures(
