@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
         ("hrf-cpu.yaml", 3),
         ("hrf-cpu-clahe.yaml", 3),
         ("hrf-cpu-retrain.yaml", 3),
+        ("hrf-cpu-wide.yaml", 3),
         ("benchmark.yaml", 2),
     ],
 )
