@@ -325,7 +325,11 @@ def _best(experiment, metric, top, evaluate, register, data_dir, uri, choices) -
         "experiment": experiment,
         "metric": metric,
         "configuration": describe(chosen.settings),
-        "configuration_score": {"mean": chosen.mean, "std": chosen.std},
+        "configuration_score": {
+            "mean": chosen.mean,
+            "std": chosen.std,
+            "std_over": chosen.std_over,
+        },
         "split_seeds": chosen.split_seeds,
         "runs": [
             {
@@ -485,7 +489,7 @@ def _print_rankings(experiment, metric, runs, configurations) -> None:
         )
     console.print(table)
     table = Table(title="configurations by mean over split seeds", title_justify="left")
-    for column in ("#", "optimizer", "lr", "batch", "epochs", "seeds", "mean", "std"):
+    for column in ("#", "optimizer", "lr", "batch", "epochs", "seeds", "mean", "std", "std over"):
         table.add_column(column)
     for rank, score in enumerate(configurations, start=1):
         s = score.settings
@@ -498,6 +502,7 @@ def _print_rankings(experiment, metric, runs, configurations) -> None:
             ",".join(map(str, score.split_seeds)),
             f"{score.mean:.4f}",
             f"{score.std:.4f}",
+            score.std_over,
         )
     console.print(table)
 

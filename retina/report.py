@@ -429,7 +429,8 @@ def _page(
         f"page written "
         f"{created}.</p>",
         "<h2>Chosen configuration (validation only)</h2>",
-        f"<p>Mean {METRIC} {chosen.mean:.4f} ± {chosen.std:.4f} over split seeds "
+        f"<p>Mean {METRIC} {chosen.mean:.4f} ± {chosen.std:.4f} (spread over "
+        f"{chosen.std_over}), split seeds "
         f"{escape(', '.join(map(str, chosen.split_seeds)))}: {escape(choice)}.</p>",
         "<h2>Validation F1 by optimizer and by final-training strategy</h2>",
         "<p>Phase-1 validation F1, one point per split seed. The strategies of one split "

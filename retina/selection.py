@@ -40,6 +40,9 @@ class ConfigurationScore:
     std: float
     split_seeds: list[int]
     runs: list[TrialRecord] = field(default_factory=list)
+    # What std spreads over: split seeds, or the weight seeds of a single split (a fixed
+    # split, or one split seed run several times).
+    std_over: str = "split seeds"
 
     @property
     def evaluable_runs(self) -> list[TrialRecord]:
@@ -112,14 +115,17 @@ def rank_configurations(records: list[TrialRecord], metric: str) -> list[Configu
         if not per_seed:
             continue
         seed_means = [statistics.fmean(values) for values in per_seed.values()]
+        # With one split, the spread left to show is the one over weight seeds.
+        spread = seed_means if len(seed_means) > 1 else next(iter(per_seed.values()))
         scores.append(
             ConfigurationScore(
                 key=key,
                 settings=members[0].settings,
                 mean=statistics.fmean(seed_means),
-                std=statistics.stdev(seed_means) if len(seed_means) > 1 else 0.0,
+                std=statistics.stdev(spread) if len(spread) > 1 else 0.0,
                 split_seeds=sorted(per_seed),
                 runs=sorted(members, key=lambda r: (r.settings.strategy, r.settings.split_seed)),
+                std_over="split seeds" if len(seed_means) > 1 else "weight seeds",
             )
         )
     return sorted(scores, key=lambda score: score.mean, reverse=True)
