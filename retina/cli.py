@@ -191,7 +191,9 @@ def sweep(
         outcome = run_sweep(request, dataset, errors)
     except RetinaError as error:
         _fail(error)
-    trials = _print_sweep_summary(request.experiment, outcome, request.tracking_uri)
+    trials = _print_sweep_summary(
+        request.experiment, outcome, request.tracking_uri, not outcome.interrupted
+    )
     if outcome.interrupted:
         raise typer.Exit(code=130)
     if not any(trial.outcome == "finished" for trial in trials):
@@ -199,7 +201,7 @@ def sweep(
         raise typer.Exit(code=1)
 
 
-def _print_sweep_summary(experiment: str, outcome, uri: str) -> list:
+def _print_sweep_summary(experiment: str, outcome, uri: str, complete: bool) -> list:
     from retina.sweep.runner import summarize_trials
     from retina.tracking import connect
 
@@ -214,9 +216,15 @@ def _print_sweep_summary(experiment: str, outcome, uri: str) -> list:
         epoch = "-" if trial.best_epoch is None else str(trial.best_epoch)
         table.add_row(trial.name, trial.outcome, score, epoch, trial.reason)
     console.print(table)
+    # An interrupted sweep has just printed how to resume; evaluating comes after that.
+    following = (
+        "next: [bold]retina best --evaluate[/], or [bold]retina ui[/] to browse."
+        if complete
+        else "browse it with [bold]retina ui[/]."
+    )
     console.print(
         f"MLflow experiment [bold]{experiment}[/] (parent run {outcome.parent_run_id}); "
-        "next: [bold]retina best --evaluate[/], or [bold]retina ui[/] to browse."
+        + following
     )
     return trials
 
@@ -488,7 +496,10 @@ def _print_rankings(experiment, metric, runs, configurations) -> None:
             r.run_id,
         )
     console.print(table)
-    table = Table(title="configurations by mean over split seeds", title_justify="left")
+    table = Table(
+        title=f"configurations by mean {metric} over split seeds (validation only)",
+        title_justify="left",
+    )
     for column in ("#", "optimizer", "lr", "batch", "epochs", "seeds", "mean", "std", "std over"):
         table.add_column(column)
     for rank, score in enumerate(configurations, start=1):
@@ -501,8 +512,8 @@ def _print_rankings(experiment, metric, runs, configurations) -> None:
             str(s.epochs),
             ",".join(map(str, score.split_seeds)),
             f"{score.mean:.4f}",
-            f"{score.std:.4f}",
-            score.std_over,
+            f"{score.std:.4f}" if score.std_over else "-",
+            score.std_over or "one seed",
         )
     console.print(table)
 

@@ -204,7 +204,8 @@ def score_test_predictions(
         report = _region_report(region_truth, (region_scores >= 0.5).astype(np.uint8))
         auc = float(roc_auc_score(region_truth, region_scores))
         reports[region] = report | {"auc": auc}
-        texts.append(_format_report(f"{name}: test, {title}, threshold 0.5", report, auc))
+        averaged = ", flip-averaged" if settings.test_time_flips else ""
+        texts.append(_format_report(f"{name}: test, {title}, threshold 0.5{averaged}", report, auc))
     return metrics, reports, "\n\n".join(texts), photo_scores
 
 

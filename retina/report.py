@@ -421,6 +421,7 @@ def _page(
     settings = describe(chosen.settings)
     choice = ", ".join(f"{key} {value}" for key, value in settings.items())
     created = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    spread = f" ± {chosen.std:.4f} (spread over {chosen.std_over})" if chosen.std_over else ""
     escape = html.escape
 
     parts = [
@@ -429,8 +430,7 @@ def _page(
         f"page written "
         f"{created}.</p>",
         "<h2>Chosen configuration (validation only)</h2>",
-        f"<p>Mean {METRIC} {chosen.mean:.4f} ± {chosen.std:.4f} (spread over "
-        f"{chosen.std_over}), split seeds "
+        f"<p>Mean {METRIC} {chosen.mean:.4f}{spread}, split seeds "
         f"{escape(', '.join(map(str, chosen.split_seeds)))}: {escape(choice)}.</p>",
         "<h2>Validation F1 by optimizer and by final-training strategy</h2>",
         "<p>Phase-1 validation F1, one point per split seed. The strategies of one split "

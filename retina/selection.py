@@ -40,9 +40,10 @@ class ConfigurationScore:
     std: float
     split_seeds: list[int]
     runs: list[TrialRecord] = field(default_factory=list)
-    # What std spreads over: split seeds, or the weight seeds of a single split (a fixed
-    # split, or one split seed run several times).
-    std_over: str = "split seeds"
+    # What std spreads over: split seeds, the weight seeds of a single split (a fixed
+    # split, or one split seed run with several seeds), or nothing (None) when neither
+    # varies.
+    std_over: str | None = "split seeds"
 
     @property
     def evaluable_runs(self) -> list[TrialRecord]:
@@ -115,8 +116,18 @@ def rank_configurations(records: list[TrialRecord], metric: str) -> list[Configu
         if not per_seed:
             continue
         seed_means = [statistics.fmean(values) for values in per_seed.values()]
-        # With one split, the spread left to show is the one over weight seeds.
-        spread = seed_means if len(seed_means) > 1 else next(iter(per_seed.values()))
+        spread, std_over = seed_means, "split seeds"
+        if len(seed_means) == 1:
+            # One split: the spread left to show is over weight seeds (runs of one weight
+            # seed that differ only in strategy share phase 1, so they count once).
+            per_weight_seed: dict[int, list[float]] = {}
+            for record in members:
+                if metric_present(record, metric):
+                    per_weight_seed.setdefault(record.settings.seed, []).append(
+                        record.metrics[metric]
+                    )
+            spread = [statistics.fmean(values) for values in per_weight_seed.values()]
+            std_over = "weight seeds" if len(spread) > 1 else None
         scores.append(
             ConfigurationScore(
                 key=key,
@@ -125,7 +136,7 @@ def rank_configurations(records: list[TrialRecord], metric: str) -> list[Configu
                 std=statistics.stdev(spread) if len(spread) > 1 else 0.0,
                 split_seeds=sorted(per_seed),
                 runs=sorted(members, key=lambda r: (r.settings.strategy, r.settings.split_seed)),
-                std_over="split seeds" if len(seed_means) > 1 else "weight seeds",
+                std_over=std_over,
             )
         )
     return sorted(scores, key=lambda score: score.mean, reverse=True)

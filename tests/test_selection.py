@@ -44,3 +44,10 @@ def test_on_a_fixed_split_the_spread_is_over_weight_seeds():
     assert score.mean == pytest.approx(0.80333, abs=1e-4)
     assert score.std == pytest.approx(statistics.stdev([0.80, 0.78, 0.83]))
     assert score.std_over == "weight seeds"
+
+
+def test_one_run_has_no_spread_and_strategies_of_one_seed_count_once():
+    runs = [_run(0.80, split_seed=3, strategy=strategy) for strategy in ("none", "finetune")]
+    (score,) = rank_configurations(runs, "best_val_f1")
+    assert score.mean == pytest.approx(0.80)
+    assert score.std == 0.0 and score.std_over is None
