@@ -397,7 +397,6 @@ class PhaseOneProgress:
     best_metrics: dict[str, float] = field(default_factory=dict)
     best_weights: dict[str, torch.Tensor] | None = None
     history: list[dict[str, float]] = field(default_factory=list)
-    finished: bool = False  # phase 1 has ended (all epochs run, or stopped early)
 
     @property
     def epochs_since_best(self) -> int:
@@ -413,6 +412,11 @@ class ResumePoint:
     phase_one_run: dict | None = None
     phase_two_epochs: int = 0
     phase_two_run: dict | None = None
+
+    @property
+    def in_phase_two(self) -> bool:
+        """Phase 1 had ended: only phase 2 is left to carry on."""
+        return self.phase_two_run is not None
 
 
 @dataclass
@@ -518,7 +522,7 @@ def run_phase_one(
     Stops after ``settings.epochs`` epochs, or earlier once ``settings.patience`` epochs
     pass without a better validation F1.
     """
-    if resume_from is not None and resume_from.progress.finished:
+    if resume_from is not None and resume_from.in_phase_two:
         return resume_from.progress
     loss_fn = build_loss(settings)
     run = TrainingRun.start(settings, device, settings.epochs, len(train), parallel)
@@ -554,7 +558,6 @@ def run_phase_one(
             }
         progress.history.append(metrics)
         on_epoch(metrics, progress, run)
-    progress.finished = True
     return progress
 
 
@@ -605,7 +608,7 @@ def run_final_training(
             augmentation_seed=phase_two_seed,
         )
     first_epoch = 1
-    if resume_from is not None and resume_from.phase_two_run is not None:
+    if resume_from is not None and resume_from.in_phase_two:
         run.restore(resume_from.phase_two_run)
         first_epoch = resume_from.phase_two_epochs + 1
         log.info("phase 2 (%s) resumes after epoch %d", settings.strategy, first_epoch - 1)

@@ -126,7 +126,9 @@ class EvaluatedSweep:
         return next(run for run in self.best["runs"] if run["run_id"] == run_id)
 
 
-def run_retina(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+def run_retina(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "retina.cli", *args]
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env)
 

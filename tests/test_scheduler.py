@@ -1,26 +1,18 @@
 """ASHA judges phase 1 only: the trials it keeps go through their whole phase 2."""
 
-import subprocess
-import sys
 from pathlib import Path
 
+from conftest import run_retina
 from mlflow.tracking import MlflowClient
 
 SWEEPS = Path(__file__).parent / "sweeps"
 
 
 def test_asha_leaves_the_final_training_of_the_trials_it_keeps_alone(tmp_path, hrf_dir):
-    command = [
-        sys.executable, "-m", "retina.cli", "sweep", str(SWEEPS / "asha_final.yaml"),
-        "--data-dir", str(hrf_dir), "--storage", str(tmp_path / "ray"),
-    ]  # fmt: skip
-    result = subprocess.run(
-        command,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_retina(
+        "sweep", str(SWEEPS / "asha_final.yaml"), "--data-dir", str(hrf_dir),
+        "--storage", str(tmp_path / "ray"), cwd=tmp_path,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")

@@ -155,7 +155,7 @@ def run_trial(config: dict, context: SweepContext, dataset: FundusDataset) -> No
             parallel = join_process_group(0, context.workers_per_trial, address, device)
         train, val = split_tensors(dataset, settings, device)
         progress = _phase_one(settings, train, val, device, recorder, resume_from, parallel)
-        if resume_from is None or resume_from.phase_two_run is None:
+        if resume_from is None or not resume_from.in_phase_two:
             _log_phase_one_figures(settings, val, device, progress, recorder)
         model = _phase_two(settings, train, val, device, progress, recorder, resume_from, parallel)
         ray.get(shard_workers)
